@@ -1,0 +1,114 @@
+"""The exception tree; each error knows its HTTP status and renders itself in both client dialects.
+
+    WarmpoolError                      500
+    ├── ConfigError                    (startup / check-config; carries every problem with its key path)
+    ├── BadRequest                     400  malformed JSON, missing model, unknown phase, bad field
+    ├── Unauthorized                   401  missing or wrong API / admin key
+    ├── ModelNotFound                  404
+    ├── PayloadTooLarge                413
+    ├── QueueFull                      503  (+ Retry-After)
+    ├── ShuttingDown                   503  (+ Retry-After)
+    ├── QueueTimeout                   504
+    └── BackendError                   502  an upstream refused, dropped or broke the protocol
+        ├── BackendTimeout             504  an upstream did not answer in time
+        └── BackendUnavailable         503  an upstream (or its managed process) cannot be started
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class WarmpoolError(Exception):
+    """Base class: `status` is the HTTP status a client sees; `headers` are extra response headers."""
+
+    status = 500
+    code: str | None = None
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def openai_body(self) -> dict[str, Any]:
+        kind = OPENAI_TYPES.get(self.status, "api_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+
+    def body(self, dialect: str) -> dict[str, Any]:
+        """The JSON body for `dialect` ("ollama" or "openai"; anything else gets the OpenAI shape)."""
+        return self.ollama_body() if dialect == "ollama" else self.openai_body()
+
+
+class ConfigError(WarmpoolError):
+    """An invalid configuration; `problems` holds one "key.path: what is wrong" line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = list(problems)
+
+
+class BadRequest(WarmpoolError):
+    status = 400
+
+
+class Unauthorized(WarmpoolError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class ModelNotFound(WarmpoolError):
+    status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(WarmpoolError):
+    status = 413
+
+
+class QueueFull(WarmpoolError):
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
+
+
+class ShuttingDown(WarmpoolError):
+    status = 503
+
+    def __init__(self, message: str = "warmpool is shutting down") -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
+
+
+class QueueTimeout(WarmpoolError):
+    status = 504
+
+
+class BackendError(WarmpoolError):
+    """An upstream failed; the message always names the backend."""
+
+    status = 502
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"backend {backend!r}: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
+class BackendTimeout(BackendError):
+    status = 504
+
+
+class BackendUnavailable(BackendError):
+    status = 503
