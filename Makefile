@@ -1,0 +1,36 @@
+# The two quickstart commands: `make serve` (install, then run warmpool on its embedded default) and
+# `make test` (install with the development extras, then run the test suite). CI runs `make test`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Portable llama.cpp build flags: a native build crashed at the first decode on the CPUs we test on.
+# With a GPU, set your own, e.g. `make serve CMAKE_ARGS=-DGGML_CUDA=on`.
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+export CMAKE_ARGS
+
+.PHONY: serve test bench clean
+
+serve: $(VENV)/.installed-serve
+	$(BIN)/warmpool serve $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/overhead.py
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet '.[llamacpp,demo]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[llamacpp,demo,dev]'
+	touch $@ $(VENV)/.installed-serve
+
+clean:
+	rm -rf $(VENV) build *.egg-info

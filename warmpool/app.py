@@ -1,0 +1,114 @@
+"""The application: builds backends, scheduler, metrics and proxy from a Config, wires routes and the
+lifecycle, and serves until told to stop (SIGTERM/SIGINT, or a trigger in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from warmpool import admin
+from warmpool.backends import make_backend
+from warmpool.backends.base import Backend
+from warmpool.config import Config
+from warmpool.metrics import Metrics
+from warmpool.preload import preload
+from warmpool.proxy import Proxy
+from warmpool.scheduler import Scheduler
+
+log = logging.getLogger("warmpool.app")
+
+CONFIG = web.AppKey("config", Config)
+BACKENDS = web.AppKey("backends", dict)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+METRICS = web.AppKey("metrics", Metrics)
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """A ready-to-run application; nothing starts until the aiohttp runner sets it up."""
+    metrics = Metrics(registry or CollectorRegistry())
+    backends = {name: make_backend(b, cfg) for name, b in cfg.backends.items()}
+    scheduler = Scheduler(backends, cfg, metrics)
+    proxy = Proxy(cfg, backends, scheduler, metrics)
+    app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
+    app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
+    app.cleanup_ctx.append(_backends_lifecycle)
+    app.on_shutdown.append(_stop_admitting)
+    admin.add_routes(app, cfg, backends, scheduler, metrics)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    backends: dict[str, Backend] = app[BACKENDS]
+    await asyncio.gather(*(b.start() for b in backends.values()))
+    await admin.sync_residency(app[SCHEDULER], backends)
+    preloading = asyncio.create_task(preload(app[SCHEDULER], app[CONFIG]), name="preload")
+    yield
+    preloading.cancel()
+    results = await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
+    for backend, result in zip(backends.values(), results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning("closing backend %s failed: %s", backend.name, result)
+
+
+async def _stop_admitting(app: web.Application) -> None:
+    """SIGTERM, step one: queued requests get 503; running streams go on until shutdown's timeout."""
+    await app[SCHEDULER].close()
+
+
+async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+                on_ready: Callable[[str], None] | None = None, registry: CollectorRegistry | None = None) -> None:
+    """Run warmpool until `shutdown_trigger` returns (default: SIGTERM or SIGINT)."""
+    app = create_app(cfg, registry=registry)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.timeouts.shutdown,
+                           access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port, reuse_address=True)
+        await site.start()
+        url = _bound_url(runner, cfg)
+        log.info("warmpool listening on %s (config: %s)", url, cfg.source)
+        if on_ready:
+            on_ready(url)
+        await (shutdown_trigger or _signal_trigger)()
+        log.info("shutting down: no new requests; running streams get up to %g s", cfg.timeouts.shutdown)
+    finally:
+        await runner.cleanup()
+        log.info("stopped")
+
+
+def _bound_url(runner: web.AppRunner, cfg: Config) -> str:
+    addrs = [a for a in runner.addresses if isinstance(a, tuple)]
+    host, port = (addrs[0][0], addrs[0][1]) if addrs else (cfg.listen_host, cfg.listen_port)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _signal_trigger() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def run(cfg: Config) -> None:
+    """Blocking entry point for the CLI: uvloop when available (it is faster on the relay path)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(cfg))
+    else:
+        uvloop.run(serve(cfg))

@@ -1,0 +1,169 @@
+"""The backend interface: what the scheduler and the proxy may ask of an upstream, and the shared HTTP plumbing.
+
+Only modules in `warmpool.backends` talk to upstreams. A backend forwards a request and hands back the
+upstream's response unread, so the proxy can relay it chunk by chunk; it loads and unloads models when
+the scheduler says so, and reports what is resident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from warmpool.config import BackendConfig, Config, ModelConfig
+from warmpool.errors import BackendError, BackendTimeout
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the client stack recomputes: never forwarded.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization",
+    "x-warmpool-phase", "x-api-key",
+})
+
+
+@dataclass(slots=True)
+class LoadResult:
+    """What one load cost, measured by warmpool (seconds)."""
+
+    seconds: float
+    details: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ResidentModel:
+    """A model the backend reports as loaded."""
+
+    name: str  # configured model name
+    size: int = 0
+    expires_at: str | None = None
+    context_length: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+LostCallback = Callable[[str, str], None]  # (model, reason): a model vanished without warmpool unloading it
+
+
+class Backend:
+    """Base class. Subclasses: OllamaBackend, LlamaCppBackend, OpenAIBackend."""
+
+    speaks = "openai"  # the dialect its inference endpoints speak: "ollama" or "openai"
+    managed = True  # whether the scheduler decides what is loaded (False: forward only)
+
+    def __init__(self, config: BackendConfig, app_config: Config) -> None:
+        self.config = config
+        self.name = config.name
+        self.app_config = app_config
+        self.models = {m.name: m for m in app_config.models.values() if m.backend == config.name}
+        self.on_lost: LostCallback = lambda model, reason: None
+        self.healthy_once = False
+        self._session: aiohttp.ClientSession | None = None
+        self._prober: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} models={sorted(self.models)}>"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = make_session(self.app_config)
+        return self._session
+
+    async def start(self) -> None:
+        """Start probing the upstream in the background; an upstream that is down is never fatal."""
+        self._prober = asyncio.create_task(self._probe_until_healthy(), name=f"probe:{self.name}")
+
+    async def _probe_until_healthy(self) -> None:
+        delay = 0.25
+        while not await self.health():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def health(self) -> bool:
+        raise NotImplementedError
+
+    async def load(self, model: ModelConfig) -> LoadResult:
+        raise NotImplementedError
+
+    async def unload(self, model: ModelConfig) -> None:
+        raise NotImplementedError
+
+    async def resident(self) -> list[ResidentModel]:
+        raise NotImplementedError
+
+    def base_url(self, model: ModelConfig | None) -> str:
+        """Where requests for `model` go."""
+        raise NotImplementedError
+
+    def rewrite_body(self, model: ModelConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The body to send upstream: the model renamed to what the backend knows it as."""
+        return {**body, "model": model.upstream_name}
+
+    def upstream_headers(self, headers: Mapping[str, str]) -> CIMultiDict[str]:
+        """The client's headers minus hop-by-hop ones; Host is recomputed from the upstream URL."""
+        return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+    async def forward(
+        self, model: ModelConfig | None, method: str, path: str, headers: Mapping[str, str], body: bytes,
+        *, query: str = "",
+    ) -> aiohttp.ClientResponse:
+        """Send the request upstream; return the response with its body unread (the caller must release it)."""
+        url = self.base_url(model) + path + (f"?{query}" if query else "")
+        hdrs = self.upstream_headers(headers)
+        return await send(self.session, self.name, method, url, hdrs, body, self.app_config.timeouts.first_byte)
+
+
+def make_session(cfg: Config) -> aiohttp.ClientSession:
+    """One pooled session per backend. No total timeout (streams may run for minutes); the read timeout
+    bounds silence between chunks; no decompression so bytes pass through untouched."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeouts.connect, sock_read=cfg.timeouts.idle)
+    connector = aiohttp.TCPConnector(limit=0, family=socket.AF_UNSPEC, ttl_dns_cache=300)
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+    )
+
+
+async def send(
+    session: aiohttp.ClientSession, backend: str, method: str, url: str, headers: Mapping[str, str],
+    body: bytes | None, first_byte: float,
+) -> aiohttp.ClientResponse:
+    """Issue one upstream request, translating transport failures into BackendError with the reason."""
+    try:
+        async with asyncio.timeout(first_byte):
+            return await session.request(method, url, headers=headers, data=body)
+    except TimeoutError as exc:
+        raise BackendTimeout(backend, f"no response within {first_byte:g} s ({method} {url})") from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise BackendError(backend, f"cannot connect to {url}: {exc.os_error.strerror or exc}") from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as exc:
+        raise BackendError(backend, f"connection dropped ({method} {url}): {exc}") from exc
+    except aiohttp.ClientError as exc:
+        raise BackendError(backend, f"{type(exc).__name__} ({method} {url}): {exc}") from exc
+
+
+async def read_json(resp: aiohttp.ClientResponse, backend: str) -> Any:
+    """Read a whole JSON response; a non-2xx status or broken body becomes a BackendError."""
+    try:
+        async with resp:
+            data = await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BackendError(backend, f"reading {resp.url.path} failed: {exc}") from exc
+    if resp.status >= 300:
+        raise BackendError(backend, f"{resp.url.path} answered {resp.status}: {data[:300].decode(errors='replace')}")
+    try:
+        return json.loads(data) if data else None
+    except ValueError as exc:
+        raise BackendError(backend, f"{resp.url.path} sent invalid JSON: {exc}") from exc

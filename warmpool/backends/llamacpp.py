@@ -1,0 +1,101 @@
+"""The managed llama.cpp backend: one llama-cpp-python server process per loaded model.
+
+Loading starts a process (from a pre-imported spare when there is one) and runs a one-token warm-up, so
+a load is timed until the model can really answer; unloading stops the process. A process that dies on
+its own is reported to the scheduler, which reloads the model on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from warmpool.backends.base import Backend, LoadResult, ResidentModel
+from warmpool.backends.llamacpp_process import ManagedServer, SparePool
+from warmpool.config import BackendConfig, Config, ModelConfig
+from warmpool.errors import BackendUnavailable
+
+log = logging.getLogger("warmpool.backends.llamacpp")
+
+
+class LlamaCppBackend(Backend):
+    speaks = "openai"
+
+    def __init__(self, config: BackendConfig, app_config: Config) -> None:
+        super().__init__(config, app_config)
+        self.servers: dict[str, ManagedServer] = {}
+        self.spares = SparePool(config)
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._refill: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Nothing upstream to ask: the backend is "healthy" once it can start processes; the spare
+        # proves the interpreter imports llama_cpp, and is ready for the first swap.
+        self.healthy_once = True
+        self._refill_spare()
+
+    async def health(self) -> bool:
+        return True
+
+    def base_url(self, model: ModelConfig | None) -> str:
+        server = self.servers.get(model.name) if model else None
+        if server is None or not server.alive:
+            name = model.name if model else "?"
+            raise BackendUnavailable(self.name, f"model {name!r} has no running server")
+        return server.url
+
+    async def load(self, model: ModelConfig) -> LoadResult:
+        started = time.monotonic()
+        server = ManagedServer(model, self.config, spare=self.spares.take(), log=log)
+        try:
+            await server.start()
+            warm_up = await server.warm_up()
+        except BaseException:
+            await server.stop()
+            raise
+        finally:
+            self._refill_spare()
+        self.servers[model.name] = server
+        self._watchers[model.name] = asyncio.create_task(self._watch(model.name, server))
+        return LoadResult(time.monotonic() - started, {**server.timings, "warm_up": warm_up})
+
+    async def unload(self, model: ModelConfig) -> None:
+        server = self.servers.pop(model.name, None)
+        watcher = self._watchers.pop(model.name, None)
+        if watcher is not None:
+            watcher.cancel()
+        if server is not None:
+            await server.stop()
+
+    async def resident(self) -> list[ResidentModel]:
+        return [
+            ResidentModel(name=name, size=_file_size(self.models[name]), context_length=self.models[name].n_ctx)
+            for name, server in self.servers.items() if server.alive
+        ]
+
+    async def close(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+        await asyncio.gather(*(self.unload(self.models[n]) for n in list(self.servers)), return_exceptions=True)
+        await self.spares.close()
+        await super().close()
+
+    async def _watch(self, name: str, server: ManagedServer) -> None:
+        await server.exited.wait()
+        if self.servers.get(name) is server:
+            del self.servers[name]
+            self._watchers.pop(name, None)
+            self.on_lost(name, f"server process exited with code {server.returncode}")
+
+    def _refill_spare(self) -> None:
+        if self.config.spare and (self._refill is None or self._refill.done()):
+            self._refill = asyncio.create_task(self.spares.refill())
+
+
+def _file_size(model: ModelConfig) -> int:
+    try:
+        return os.path.getsize(model.gguf) if model.gguf else 0
+    except OSError:
+        return 0

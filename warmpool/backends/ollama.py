@@ -1,0 +1,129 @@
+"""The Ollama backend: forwards both dialects to an Ollama server; loads, unloads and lists its models.
+
+Ollama's rules that shape this module (research/upstream_spec.md §0, §1.6-§1.7):
+- load = an empty /api/generate (or /api/embed for embedding models) with the same `options` real traffic
+  uses, else the first real request reloads; the connection stays open until the load is done, because
+  Ollama aborts a load whose client leaves;
+- unload = `keep_alive: 0`, which Ollama answers before the runner is gone: confirm it via /api/ps;
+- `keep_alive` is sent as a JSON number: numeric strings are a 400 there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from warmpool.backends.base import Backend, LoadResult, ResidentModel, read_json, send
+from warmpool.config import ModelConfig
+from warmpool.errors import BackendError
+
+UNLOAD_CONFIRM_TIMEOUT = 30.0
+UNLOAD_POLL_INTERVAL = 0.1
+# What warmpool asks Ollama to keep an idle model for, when the model's config sets no keep_alive.
+# Finite on purpose: if warmpool dies, Ollama frees the memory on its own; the refresher re-arms it.
+DEFAULT_LEASE = 600.0
+
+
+def tagged(name: str) -> str:
+    """Ollama's canonical form of a name: with an explicit tag (`:latest` when none)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def ollama_keep_alive(model: ModelConfig) -> float:
+    return model.keep_alive if model.keep_alive is not None else DEFAULT_LEASE
+
+
+class OllamaBackend(Backend):
+    speaks = "ollama"
+
+    def base_url(self, model: ModelConfig | None) -> str:
+        return self.config.url.rstrip("/")  # type: ignore[union-attr]
+
+    def rewrite_body(self, model: ModelConfig, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """On Ollama's native API warmpool owns residency: a client's keep_alive would break pins and
+        schedules (anything-llm#1588), and differing load-time options would force a reload (ollama#7773)."""
+        out = super().rewrite_body(model, path, body)
+        if path.startswith("/api/"):
+            out["keep_alive"] = ollama_keep_alive(model)
+            if model.options:
+                out["options"] = {**(body.get("options") or {}), **model.options}
+        return out
+
+    async def health(self) -> bool:
+        try:
+            await self.get_json("/api/version")
+        except BackendError:
+            return False
+        self.healthy_once = True
+        return True
+
+    async def load(self, model: ModelConfig) -> LoadResult:
+        path, body = load_request(model)
+        started = time.monotonic()
+        data = await self._post(path, body)
+        if isinstance(data, dict) and data.get("error"):
+            raise BackendError(self.name, f"loading {model.upstream_name!r} failed: {data['error']}")
+        return LoadResult(time.monotonic() - started)
+
+    async def unload(self, model: ModelConfig) -> None:
+        await self._post("/api/generate", {"model": model.upstream_name, "keep_alive": 0})
+        deadline = time.monotonic() + UNLOAD_CONFIRM_TIMEOUT
+        while tagged(model.upstream_name) in await self._loaded_names():
+            if time.monotonic() > deadline:
+                raise BackendError(self.name, f"{model.upstream_name!r} still in /api/ps after unload")
+            await asyncio.sleep(UNLOAD_POLL_INTERVAL)
+
+    async def resident(self) -> list[ResidentModel]:
+        entries = (await self.get_json("/api/ps") or {}).get("models") or []
+        by_upstream = self._configured_by_upstream()
+        found = []
+        for entry in entries:
+            for name in by_upstream.get(tagged(str(entry.get("name", ""))), []):
+                found.append(_resident_from_ps(name, entry))
+        return found
+
+    async def ps_raw(self) -> list[dict[str, Any]]:
+        return list((await self.get_json("/api/ps") or {}).get("models") or [])
+
+    def _configured_by_upstream(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
+        for m in self.models.values():
+            index.setdefault(tagged(m.upstream_name), []).append(m.name)
+        return index
+
+    async def _loaded_names(self) -> set[str]:
+        return {tagged(str(e.get("name", ""))) for e in await self.ps_raw()}
+
+    async def get_json(self, path: str) -> Any:
+        resp = await send(self.session, self.name, "GET", self.base_url(None) + path, {}, None,
+                          self.app_config.timeouts.connect + 20)
+        return await read_json(resp, self.name)
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        # A load may take minutes; first_byte bounds it, and the connection stays open throughout.
+        resp = await send(self.session, self.name, "POST", self.base_url(None) + path,
+                          {"Content-Type": "application/json"}, json.dumps(body).encode(),
+                          self.app_config.timeouts.first_byte)
+        return await read_json(resp, self.name)
+
+
+def load_request(model: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """The empty request that makes Ollama load `model` with the options its traffic uses."""
+    body: dict[str, Any] = {"model": model.upstream_name, "keep_alive": ollama_keep_alive(model)}
+    if model.options:
+        body["options"] = dict(model.options)
+    if model.embedding:
+        return "/api/embed", {**body, "input": []}
+    return "/api/generate", body
+
+
+def _resident_from_ps(name: str, entry: dict[str, Any]) -> ResidentModel:
+    return ResidentModel(
+        name=name,
+        size=int(entry.get("size") or 0),
+        expires_at=entry.get("expires_at"),
+        context_length=int(entry.get("context_length") or 0),
+        details=entry,
+    )

@@ -1,0 +1,77 @@
+"""Prometheus metrics: the metric objects, built on a given registry, and the scrape-time state collector.
+
+A leaf module: it imports nothing from warmpool. Names follow Prometheus conventions (prefix `warmpool_`,
+base units, `_total` on counters); label values are bounded (configured model, pool and phase names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Swaps range from a 50 ms load out of RAM to minutes for a large model from a slow disk.
+SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Every metric warmpool records on the data path and in the scheduler."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "warmpool_requests", "Proxied requests by model, phase, dialect and HTTP status.",
+            ["model", "phase", "dialect", "status"], registry=registry)
+        self.request_duration = Histogram(
+            "warmpool_request_duration_seconds", "Time from request arrival to the end of the response.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.first_byte = Histogram(
+            "warmpool_time_to_first_byte_seconds", "Time from request arrival to the first response byte.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.queue_wait = Histogram(
+            "warmpool_queue_wait_seconds", "Time a request waited for its model to be resident.",
+            ["pool", "model"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.swap_duration = Histogram(
+            "warmpool_swap_duration_seconds",
+            "Time from a swap's start (evictions included) until the new model produced a token.",
+            ["pool", "model", "source"], buckets=SWAP_BUCKETS, registry=registry)
+        self.load_duration = Histogram(
+            "warmpool_load_duration_seconds", "Time to load one model, until it produced a token.",
+            ["pool", "model", "source"], buckets=SWAP_BUCKETS, registry=registry)
+        self.unload_duration = Histogram(
+            "warmpool_unload_duration_seconds", "Time to unload one model, until the backend confirmed it.",
+            ["pool", "model"], buckets=SWAP_BUCKETS, registry=registry)
+        self.swaps = Counter(
+            "warmpool_swaps", "Model loads started by the scheduler, by reason.",
+            ["pool", "model", "reason", "result"], registry=registry)
+        self.evictions = Counter(
+            "warmpool_evictions", "Models unloaded by the scheduler, by reason.",
+            ["pool", "model", "reason"], registry=registry)
+        self.lost = Counter(
+            "warmpool_models_lost", "Models that left a backend without warmpool unloading them.",
+            ["pool", "model"], registry=registry)
+
+
+GaugeSource = Callable[[], Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]]
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from the live state: each source yields
+    (name, help, label names, [(label values, value), ...])."""
+
+    def __init__(self, sources: list[GaugeSource]) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        for source in self.sources:
+            for name, doc, labels, samples in source():
+                family = GaugeMetricFamily(name, doc, labels=labels)
+                for values, value in samples:
+                    family.add_metric(values, value)
+                yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []

@@ -1,0 +1,204 @@
+"""The data path: one aiohttp handler that routes, leases, forwards and relays, and renders every error
+in the client's dialect.
+
+Streams are relayed chunk by chunk as they arrive; nothing is buffered. An Ollama-dialect request for a
+model on an OpenAI-speaking backend (managed llama.cpp, openai) is translated on the way in and out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from warmpool import listings, relay, routing, translate
+from warmpool.backends.base import Backend
+from warmpool.config import Config, ModelConfig
+from warmpool.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unauthorized, WarmpoolError
+from warmpool.logs import new_request_id
+from warmpool.metrics import Metrics
+from warmpool.scheduler import Scheduler
+
+log = logging.getLogger("warmpool.access")
+MODEL_HEADER = "X-Warmpool-Model"
+PHASE_HEADER = routing.PHASE_HEADER
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request carries through the data path; filled in as it goes."""
+
+    request: web.Request
+    dialect: str
+    started: float
+    body: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig | None = None
+    phase: str | None = None
+    queue_wait: float = 0.0
+
+    def tag(self, response: web.StreamResponse) -> None:
+        """Name the model (and the phase that chose it) on every response about a model."""
+        if self.model is not None:
+            response.headers[MODEL_HEADER] = self.model.name
+        if self.phase is not None:
+            response.headers[PHASE_HEADER] = self.phase
+
+
+class Proxy:
+    """Holds what the handler needs: config, backends, scheduler, metrics."""
+
+    def __init__(self, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
+                 metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.backends = backends
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.aliases = routing.model_aliases(cfg)
+        self.api_keys = [k.encode() for k in cfg.auth.api_keys]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        new_request_id(request.headers.get("X-Request-Id"))
+        ex = Exchange(request, routing.dialect_of(request.path), time.monotonic())
+        try:
+            response = await self._dispatch(ex)
+        except WarmpoolError as error:
+            response = error_response(error, ex.dialect)
+            ex.tag(response)
+        self._account(ex, response)
+        return response
+
+    async def _dispatch(self, ex: Exchange) -> web.StreamResponse:
+        path, method = ex.request.path, ex.request.method
+        if not routing.is_known_path(path):
+            raise ModelNotFound(f"{method} {path}: no such endpoint")  # 404 in the client's dialect
+        if method not in routing.allowed_methods(path):
+            raise MethodNotAllowed(f"{method} not allowed on {path}")
+        check_api_key(ex.request, self.api_keys)
+        if path in routing.LISTINGS:
+            return await listings.answer(path, ex.request, self.cfg, self.backends, self.scheduler)
+        ex.body = parse_json(await read_body(ex.request, self.cfg.max_body_size))
+        choice = routing.choose_model(
+            self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
+        ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
+        backend = self.backends[ex.model.backend]
+        if path in routing.MODEL_ADMIN:
+            return await self._model_admin(ex, backend)
+        return await self._inference(ex, backend)
+
+    async def _model_admin(self, ex: Exchange, backend: Backend) -> web.StreamResponse:
+        """show / pull / copy / delete: forwarded to Ollama; answered by warmpool for other backends."""
+        assert ex.model is not None
+        if backend.speaks != "ollama":
+            response = listings.model_admin_answer(ex.request.path, ex.model, ex.body)
+            ex.tag(response)
+            return response
+        body = {**ex.body, routing.model_field(ex.request.path): ex.model.upstream_name}
+        body.pop("name", None)
+        return await self._forward(ex, backend, ex.request.path, body, transform=None)
+
+    async def _inference(self, ex: Exchange, backend: Backend) -> web.StreamResponse:
+        assert ex.model is not None
+        path, body, transform = self._upstream_request(ex, backend)
+        async with self.scheduler.lease(ex.model.name) as waited:
+            ex.queue_wait = waited
+            self._observe_queue(ex)
+            return await self._forward(ex, backend, path, body, transform)
+
+    def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], relay.Transform]:
+        assert ex.model is not None
+        path = ex.request.path
+        if ex.dialect == "ollama" and backend.speaks == "openai":
+            upstream_path, body = translate.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
+            return upstream_path, body, relay.OllamaFromOpenAI(path, ex.model.name, ex.body)
+        body = backend.rewrite_body(ex.model, path, ex.body)
+        return path, body, None
+
+    async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
+                       transform: relay.Transform) -> web.StreamResponse:
+        assert ex.model is not None
+        upstream = await backend.forward(
+            ex.model, ex.request.method, path, ex.request.headers, json.dumps(body).encode(),
+            query=ex.request.query_string)
+        return await relay.relay(ex.request, upstream, backend.name, ex.dialect, ex.tag, transform,
+                                 on_first_byte=self._first_byte_observer(ex))
+
+    def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
+        def observe() -> None:
+            if self.metrics and ex.model is not None:
+                self.metrics.first_byte.labels(ex.model.name).observe(time.monotonic() - ex.started)
+        return observe
+
+    def _observe_queue(self, ex: Exchange) -> None:
+        if self.metrics and ex.model is not None:
+            self.metrics.queue_wait.labels(ex.model.backend, ex.model.name).observe(ex.queue_wait)
+
+    def _account(self, ex: Exchange, response: web.StreamResponse) -> None:
+        seconds = time.monotonic() - ex.started
+        model = ex.model.name if ex.model else ""
+        if self.metrics and ex.model is not None:
+            self.metrics.requests.labels(model, ex.phase or "", ex.dialect, str(response.status)).inc()
+            self.metrics.request_duration.labels(model).observe(seconds)
+        log.info("%s %s %s model=%s phase=%s wait=%.3fs %.3fs", ex.request.method, ex.request.path,
+                 response.status, model or "-", ex.phase or "-", ex.queue_wait, seconds,
+                 extra={"model": model, "phase": ex.phase, "status": response.status,
+                        "queue_wait_s": round(ex.queue_wait, 4), "duration_s": round(seconds, 4)})
+
+
+class MethodNotAllowed(WarmpoolError):
+    status = 405
+
+
+def check_api_key(request: web.Request, keys: list[bytes]) -> None:
+    """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
+    if not keys:
+        return
+    if not any(hmac.compare_digest(presented_key(request), k) for k in keys):
+        raise Unauthorized("missing or invalid API key")
+
+
+def presented_key(request: web.Request) -> bytes:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip().encode()
+    return request.headers.get("x-api-key", "").encode()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise BadRequest("missing request body")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def error_response(error: WarmpoolError, dialect: str) -> web.Response:
+    response = web.json_response(error.body(dialect), status=error.status)
+    response.headers.update(error.headers)
+    return response
+
+
+def make_handler(proxy: Proxy) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    return proxy.handle
+
+
+__all__ = ["Proxy", "error_response", "make_handler", "aiohttp"]

@@ -1,0 +1,149 @@
+"""Relaying an upstream response to the client: status, headers and body chunk by chunk, unbuffered,
+optionally translated (OpenAI → Ollama). A failure after the headers went out is reported inside the
+stream in the client's dialect, since the status can no longer change.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from warmpool import translate
+from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
+
+SKIP_RESPONSE_HEADERS = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "upgrade",
+    "proxy-authenticate", "trailer", "te",
+})
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+
+
+class OllamaFromOpenAI:
+    """Turns an OpenAI upstream response into the Ollama response the client asked for."""
+
+    def __init__(self, ollama_path: str, model: str, ollama_body: dict[str, Any]) -> None:
+        self.path = ollama_path
+        self.model = model
+        self.kind = "chat" if ollama_path == "/api/chat" else "generate"
+        self.embedding = ollama_path in ("/api/embed", "/api/embeddings")
+        self.stream = bool(ollama_body.get("stream", True)) and not self.embedding
+        self.started = time.monotonic()
+
+    def error_body(self, raw: bytes) -> bytes:
+        return json.dumps(translate.openai_error_to_ollama(raw)).encode()
+
+    def whole_body(self, raw: bytes) -> bytes:
+        data = json.loads(raw)
+        ns = int((time.monotonic() - self.started) * 1e9)
+        if self.embedding:
+            out = translate.openai_embeddings_to_ollama(self.path, self.model, data, total_duration_ns=ns)
+        else:
+            out = translate.openai_response_to_ollama(self.kind, self.model, data, total_duration_ns=ns)
+        return json.dumps(out).encode()
+
+    def streamer(self) -> translate.OllamaStreamTranslator:
+        return translate.OllamaStreamTranslator(self.kind, self.model, started=self.started)
+
+
+Transform = OllamaFromOpenAI | None
+Tagger = Callable[[web.StreamResponse], None]
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, dialect: str,
+                tag: Tagger, transform: Transform, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+    """Copy `upstream` to the client; always releases the upstream connection (closing it early cancels the
+    upstream's work when the client went away)."""
+    try:
+        if transform is None:
+            return await _pass_through(request, upstream, backend, dialect, tag, on_first_byte)
+        return await _translated(request, upstream, backend, tag, transform, on_first_byte)
+    finally:
+        upstream.close()
+
+
+async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, dialect: str,
+                        tag: Tagger, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    copy_headers(upstream, response)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    tag(response)
+    await response.prepare(request)
+    on_first_byte()
+    await _copy_chunks(upstream, response, backend, dialect)
+    await response.write_eof()
+    return response
+
+
+async def _copy_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str,
+                       dialect: str) -> None:
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        await _report_mid_stream(response, upstream_failure(backend, exc), dialect)
+
+
+async def _translated(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
+                      transform: OllamaFromOpenAI, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+    if upstream.status >= 300 or not transform.stream:
+        raw = await _read_all(upstream, backend)
+        body = transform.error_body(raw) if upstream.status >= 300 else transform.whole_body(raw)
+        response = web.Response(status=upstream.status, body=body, content_type="application/json")
+        tag(response)
+        on_first_byte()
+        return response
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
+    tag(response)
+    await response.prepare(request)
+    on_first_byte()
+    await _translate_chunks(upstream, response, backend, transform.streamer())
+    await response.write_eof()
+    return response
+
+
+async def _translate_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str,
+                            streamer: translate.OllamaStreamTranslator) -> None:
+    try:
+        async for chunk in upstream.content.iter_any():
+            for line in streamer.feed(chunk):
+                await response.write(line)
+        for line in streamer.finish():
+            await response.write(line)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        await _report_mid_stream(response, upstream_failure(backend, exc), "ollama")
+
+
+async def _read_all(upstream: aiohttp.ClientResponse, backend: str) -> bytes:
+    try:
+        return await upstream.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise upstream_failure(backend, exc) from exc
+
+
+def upstream_failure(backend: str, exc: BaseException) -> BackendError:
+    if isinstance(exc, TimeoutError):
+        return BackendTimeout(backend, "upstream went silent mid-response (timeouts.idle)")
+    return BackendError(backend, f"upstream dropped the connection mid-response: {exc}")
+
+
+async def _report_mid_stream(response: web.StreamResponse, error: WarmpoolError, dialect: str) -> None:
+    """The status is already sent: end the stream with an error in the dialect's streaming shape
+    (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event)."""
+    if response.content_type not in STREAM_TYPES:
+        raise error  # a truncated JSON body: drop the connection so the client cannot mistake it for whole
+    if response.content_type == "application/x-ndjson":
+        await response.write(json.dumps(error.ollama_body()).encode() + b"\n")
+    else:
+        await response.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
+
+
+def copy_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
+    for name, value in upstream.headers.items():
+        if name.lower() not in SKIP_RESPONSE_HEADERS:
+            response.headers.add(name, value)
