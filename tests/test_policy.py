@@ -161,3 +161,12 @@ def test_three_models_one_slot_agent_cycle() -> None:
     view = PoolView(models=models, waiters=[w(1, "exe", 2.0)])
     p = plan(view, now=2.0)
     assert (p.evict, p.load) == (["ctx"], "exe")
+
+
+def test_operator_unload_drains_then_evicts_even_a_pinned_model() -> None:
+    busy = pool(resident("a", inflight=1, pinned=True), waiters=[w(1, "a")], unload_requested={"a"})
+    p = plan(busy, now=1.0)
+    assert p.draining == {"a"} and p.grant == [] and not p.swaps
+    idle = pool(resident("a", pinned=True), unload_requested={"a"})
+    p = plan(idle, now=1.0)
+    assert (p.evict, p.load, p.reason) == (["a"], None, "admin")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 
 from aiohttp import web
@@ -10,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from warmpool.backends.base import Backend
 from warmpool.config import Config
-from warmpool.errors import BackendError, Unauthorized
+from warmpool.errors import BackendError, WarmpoolError
 from warmpool.metrics import Metrics
 from warmpool.scheduler import Scheduler
 
@@ -38,10 +39,39 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
         require_admin(request, admin_keys)
         return web.json_response(scheduler.snapshot())
 
+    async def load(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        name = known_model(request, cfg)
+        try:
+            seconds = await scheduler.pool_of(name).load(name)
+        except WarmpoolError as error:
+            return web.json_response(error.ollama_body(), status=error.status)
+        return web.json_response({"model": name, "status": "resident", "seconds": round(seconds, 4)})
+
+    async def unload(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        name = known_model(request, cfg)
+        try:
+            was_loaded = await scheduler.pool_of(name).unload(name, cfg.scheduler.queue_timeout)
+        except TimeoutError:
+            return web.json_response({"error": f"{name} still busy after {cfg.scheduler.queue_timeout:g} s"},
+                                     status=504)
+        return web.json_response({"model": name, "status": "absent", "was_loaded": was_loaded})
+
+    app.router.add_post("/warmpool/models/{name}/load", load)
+    app.router.add_post("/warmpool/models/{name}/unload", unload)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/warmpool/status", status)
+
+
+def known_model(request: web.Request, cfg: Config) -> str:
+    name = request.match_info["name"]
+    if name not in cfg.models:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"model '{name}' not found"}),
+                               content_type="application/json")
+    return name
 
 
 def require_admin(request: web.Request, keys: list[bytes]) -> None:
@@ -50,7 +80,8 @@ def require_admin(request: web.Request, keys: list[bytes]) -> None:
     auth = request.headers.get("Authorization", "")
     presented = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
     if not any(hmac.compare_digest(presented, k) for k in keys):
-        raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json")
+        raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
+                                   headers={"WWW-Authenticate": "Bearer"})
 
 
 async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> None:
@@ -63,6 +94,3 @@ async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> 
                 scheduler.pools[name].mark_resident(resident.name)
         except BackendError as exc:
             log.warning("backend %s: cannot read its loaded models yet: %s", name, exc.reason)
-
-
-__all__ = ["Unauthorized", "add_routes", "sync_residency"]

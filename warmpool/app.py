@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from warmpool import admin
+from warmpool import admin, residency
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
+from warmpool.backends.ollama import OllamaBackend
 from warmpool.config import Config
 from warmpool.metrics import Metrics
 from warmpool.preload import preload
@@ -50,9 +51,14 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     backends: dict[str, Backend] = app[BACKENDS]
     await asyncio.gather(*(b.start() for b in backends.values()))
     await admin.sync_residency(app[SCHEDULER], backends)
-    preloading = asyncio.create_task(preload(app[SCHEDULER], app[CONFIG]), name="preload")
+    tasks = [asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")]
+    tasks += [
+        asyncio.create_task(residency.watch(app[SCHEDULER].pools[name], b, app[METRICS]), name=f"watch:{name}")
+        for name, b in backends.items() if isinstance(b, OllamaBackend)
+    ]
     yield
-    preloading.cancel()
+    for task in tasks:
+        task.cancel()
     results = await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
     for backend, result in zip(backends.values(), results, strict=True):
         if isinstance(result, BaseException):

@@ -266,7 +266,7 @@ def _substitute(match: re.Match[str], path: str, env: Mapping[str, str], ck: _Ch
 
 # Environment and command-line overrides ------------------------------------------------------------
 
-_ENV_IGNORED = frozenset({"WARMPOOL_CONFIG", "WARMPOOL_URL"})  # read by the CLI, not settings
+_ENV_IGNORED = frozenset({"WARMPOOL_CONFIG", "WARMPOOL_URL", "WARMPOOL_ADMIN_KEY"})  # read by the CLI, not settings
 _ENV_LISTS = frozenset({"auth.api_keys", "auth.admin_keys"})  # comma-separated
 
 

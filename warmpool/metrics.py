@@ -50,6 +50,11 @@ class Metrics:
         self.evictions = Counter(
             "warmpool_evictions", "Models unloaded by the scheduler, by reason.",
             ["pool", "model", "reason"], registry=registry)
+        self.refreshes = Counter(
+            "warmpool_keepalive_refreshes", "Re-arms of an Ollama model's keep_alive before it expired.",
+            ["pool", "model", "result"], registry=registry)
+        self.preloads = Counter(
+            "warmpool_preloads", "Preload attempts at start, by result.", ["model", "result"], registry=registry)
         self.lost = Counter(
             "warmpool_models_lost", "Models that left a backend without warmpool unloading them.",
             ["pool", "model"], registry=registry)

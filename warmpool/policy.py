@@ -11,7 +11,8 @@ so every rule below is tested alone (tests/test_policy.py):
   residency; pinned models are never evicted, busy ones never cut: they are drained first;
 - once the oldest waiter has waited `max_wait`, fairness wins over batching and minimum residency: the
   victims stop taking new requests and are evicted as soon as their running requests end;
-- an idle model past its `keep_alive` is unloaded; an idle pool goes back to its default model.
+- an idle model past its `keep_alive` is unloaded; an idle pool goes back to its default model;
+- a model an operator asked to unload takes no new requests and goes as soon as it is idle.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class PoolView:
     max_wait: float = 30.0
     idle_default: str | None = None  # model to return to when the pool is idle
     idle_after: float | None = None  # seconds of idleness before returning to it
+    unload_requested: set[str] = field(default_factory=set)  # operator unloads still to do
 
 
 @dataclass(slots=True)
@@ -72,14 +74,22 @@ class Plan:
 
 def plan(view: PoolView, now: float) -> Plan:
     """Decide what the pool does next. See the module docstring for the rules."""
-    result = Plan()
+    result = Plan(draining={m for m in view.unload_requested if view.models[m].status == "resident"})
     target = _next_target(view)
-    if target is not None and not view.swapping:
+    if not view.swapping and not _plan_requested_unload(view, result) and target is not None:
         _plan_swap(view, target, now, result)
     result.grant = [w.id for w in view.waiters if _servable(view.models[w.model], result.draining)]
     if not view.swapping and not result.swaps and not view.waiters:
         _plan_idle(view, now, result)
     return result
+
+
+def _plan_requested_unload(view: PoolView, result: Plan) -> bool:
+    for name in sorted(result.draining):
+        if not view.models[name].inflight:
+            result.evict, result.reason = [name], "admin"
+            return True
+    return False
 
 
 def _servable(model: ModelState, draining: set[str]) -> bool:
@@ -109,7 +119,7 @@ def _plan_swap(view: PoolView, target: Waiter, now: float, result: Plan) -> None
         result.reason = "max_wait" if overdue and needed else "demand"
         return
     if overdue:
-        result.draining = {m.name for m in needed}
+        result.draining |= {m.name for m in needed}
     result.wake_at = _earliest(
         [target.since + view.max_wait] + [m.loaded_at + m.min_residency for m in needed]
     )

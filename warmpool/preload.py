@@ -8,6 +8,7 @@ import logging
 
 from warmpool.config import Config
 from warmpool.errors import WarmpoolError
+from warmpool.metrics import Metrics
 from warmpool.scheduler import Scheduler
 
 log = logging.getLogger("warmpool.preload")
@@ -33,29 +34,33 @@ def fitting(cfg: Config) -> list[str]:
     return chosen
 
 
-async def preload(scheduler: Scheduler, cfg: Config) -> None:
+async def preload(scheduler: Scheduler, cfg: Config, metrics: Metrics | None = None) -> None:
     """Load each fitting model; pools work in parallel, one model at a time each."""
     by_pool: dict[str, list[str]] = {}
     for name in fitting(cfg):
         by_pool.setdefault(cfg.models[name].backend, []).append(name)
-    await asyncio.gather(*(_preload_pool(scheduler, names) for names in by_pool.values()))
+    await asyncio.gather(*(_preload_pool(scheduler, names, metrics) for names in by_pool.values()))
 
 
-async def _preload_pool(scheduler: Scheduler, names: list[str]) -> None:
+async def _preload_pool(scheduler: Scheduler, names: list[str], metrics: Metrics | None) -> None:
     for name in names:
-        await _load_with_retries(scheduler, name)
+        await _load_with_retries(scheduler, name, metrics)
 
 
-async def _load_with_retries(scheduler: Scheduler, name: str) -> None:
+async def _load_with_retries(scheduler: Scheduler, name: str, metrics: Metrics | None) -> None:
     delay = FIRST_RETRY
     while True:
         try:
             async with scheduler.lease(name):
                 log.info("preloaded %s", name)
-                return
+            if metrics:
+                metrics.preloads.labels(name, "ok").inc()
+            return
         except WarmpoolError as error:
             if scheduler.pool_of(name).closed:
                 return
+            if metrics:
+                metrics.preloads.labels(name, "error").inc()
             log.warning("preload of %s failed (%s); retrying in %.0f s", name, error.message, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, MAX_RETRY)

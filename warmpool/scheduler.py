@@ -56,6 +56,8 @@ class Pool:
         self.models = {m.name: self._initial_state(m) for m in backend.models.values()}
         self.waiters: dict[int, tuple[Waiter, asyncio.Future[None]]] = {}
         self.draining: set[str] = set()
+        self.unload_requested: set[str] = set()
+        self.epoch = 0  # bumped on every residency change, so pollers can tell a stale answer
         self.history: list[SwapRecord] = []
         self.swap_task: asyncio.Task[None] | None = None
         self.swap_target: str | None = None
@@ -143,6 +145,7 @@ class Pool:
             swapping=self.swap_task is not None, max_resident=self.backend.config.max_resident,
             vram_budget=self.backend.config.vram_budget, max_wait=sched.max_wait,
             idle_default=self.backend.config.idle_default, idle_after=self.backend.config.idle_after,
+            unload_requested=self.unload_requested,
         )
 
     def replan(self) -> None:
@@ -180,6 +183,7 @@ class Pool:
     # -- swaps --------------------------------------------------------------------------------------
 
     def _start_swap(self, evict: list[str], load: str | None, reason: str) -> None:
+        self.epoch += 1
         for name in evict:
             self.models[name].status = "unloading"
         if load is not None:
@@ -209,6 +213,7 @@ class Pool:
             await self.backend.unload(self.backend.models[name])
         finally:
             self.models[name].status = "absent"
+            self.unload_requested.discard(name)
         seconds = self.clock() - started
         log.info("unloaded %s from %s in %.3f s (%s)", name, self.name, seconds, reason)
         if self.metrics:
@@ -234,6 +239,7 @@ class Pool:
         if load is None:
             return
         self.models[load].status = "absent"
+        self.unload_requested.discard(load)
         if self.metrics:
             self.metrics.swaps.labels(self.name, load, "demand", "error").inc()
         for waiter_id, (waiter, _) in list(self.waiters.items()):
@@ -241,11 +247,32 @@ class Pool:
                 self._fail(waiter_id, error)
 
     def _finish_swap(self, record: SwapRecord) -> None:
+        self.epoch += 1
         self.history = [*self.history[-(SWAP_HISTORY - 1):], record]
         if self.metrics and record.ok and record.model:
             self.metrics.swap_duration.labels(self.name, record.model, record.source).observe(record.seconds)
         self.swap_task, self.swap_target = None, None
         self.replan()
+
+    # -- operator actions ---------------------------------------------------------------------------
+
+    async def load(self, model: str) -> float:
+        """Make `model` resident (through the queue, like any request); returns the seconds it took."""
+        started = self.clock()
+        async with self.lease(model):
+            return self.clock() - started
+
+    async def unload(self, model: str, timeout: float) -> bool:
+        """Unload `model` once its running requests end (new ones wait); False if it was not loaded."""
+        state = self.models[model]
+        if state.status == "absent" and model != self.swap_target:
+            return False
+        self.unload_requested.add(model)
+        self.replan()
+        async with asyncio.timeout(timeout):
+            while state.status != "absent" or model in self.unload_requested:
+                await asyncio.sleep(0.02)
+        return True
 
     # -- outside events -----------------------------------------------------------------------------
 
@@ -254,6 +281,7 @@ class Pool:
         state = self.models[name]
         if state.status == "absent":
             state.status, state.loaded_at = "resident", loaded_at or self.clock()
+            self.epoch += 1
             self.replan()
 
     def mark_lost(self, name: str, reason: str) -> None:
@@ -263,6 +291,8 @@ class Pool:
             return
         log.warning("model %s vanished from %s: %s", name, self.name, reason)
         state.status = "absent"
+        self.epoch += 1
+        self.unload_requested.discard(name)
         if self.metrics:
             self.metrics.lost.labels(self.name, name).inc()
         self.replan()

@@ -123,6 +123,8 @@ class Backend:
         """Send the request upstream; return the response with its body unread (the caller must release it)."""
         url = self.base_url(model) + path + (f"?{query}" if query else "")
         hdrs = self.upstream_headers(headers)
+        if body:
+            hdrs["Content-Type"] = "application/json"  # warmpool re-serialised it; curl's default form type would lie
         return await send(self.session, self.name, method, url, hdrs, body, self.app_config.timeouts.first_byte)
 
 
