@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +24,8 @@ def wp(tmp_path_factory: pytest.TempPathFactory, gguf_path: str) -> Iterator[War
         "listen": "127.0.0.1:0",
         "max_body_size": "1MiB",
         "backends": {"local": {"kind": "llamacpp", "max_resident": 1, "spare": True}},
-        "models": llama_models(gguf_path, "planner", "coder"),
-        "phases": {"context": "planner", "execution": "coder"},
+        "models": llama_models(gguf_path, "planner", "coder", "verifier"),
+        "phases": {"context": "planner", "execution": "coder", "verification": "verifier"},
     }
     path = tmp_path_factory.mktemp("wp") / "warmpool.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -118,7 +119,7 @@ async def test_errors_in_the_clients_dialect(wp: WarmpoolProcess, dialect: str) 
         (b"{not json", {}, 400, "invalid JSON"),
         ({"messages": []}, {}, 400, "model is required"),
         ({"model": "nope", "messages": []}, {}, 404, "model 'nope' not found"),
-        ({"model": "planner", "messages": []}, {"X-Warmpool-Phase": "review"}, 400, "known phases: context, execution"),
+        ({"model": "planner", "messages": []}, {"X-Warmpool-Phase": "review"}, 400, "known phases: context, execution, verification"),
         ({"model": "planner", "pad": "x" * (2 << 20)}, {}, 413, "exceeds the limit"),
     ]
     for body, headers, code, text in cases:
@@ -137,7 +138,8 @@ async def test_listings_cover_every_configured_model(wp: WarmpoolProcess) -> Non
             ids = [m["id"] for m in (await r.json())["data"]]
         async with s.get(wp.url + "/api/ps") as r:
             ps = [m["name"] for m in (await r.json())["models"]]
-    assert sorted(tags) == ["coder:latest", "planner:latest"] and sorted(ids) == ["coder", "planner"]
+    assert sorted(tags) == ["coder:latest", "planner:latest", "verifier:latest"]
+    assert sorted(ids) == ["coder", "planner", "verifier"]
     assert len(ps) == 1
 
 
@@ -150,7 +152,7 @@ async def test_official_clients(wp: WarmpoolProcess) -> None:
     assert reply.done and reply.message.role == "assistant"
     parts = [p async for p in await oc.generate(model="planner", prompt="Hi", stream=True, options={"num_predict": 4})]
     assert parts[-1].done
-    assert {m.model for m in (await oc.list()).models} == {"planner:latest", "coder:latest"}
+    assert {m.model for m in (await oc.list()).models} == {"planner:latest", "coder:latest", "verifier:latest"}
     assert (await oc.ps()).models
     ai = openai.AsyncOpenAI(base_url=wp.url + "/v1", api_key="unused")
     done = await ai.chat.completions.create(model="planner", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
@@ -158,7 +160,45 @@ async def test_official_clients(wp: WarmpoolProcess) -> None:
     stream = await ai.chat.completions.create(model="planner", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=4, stream=True)
     assert [c async for c in stream]
-    assert {m.id for m in (await ai.models.list()).data} == {"planner", "coder"}
+    assert {m.id for m in (await ai.models.list()).data} == {"planner", "coder", "verifier"}
+
+
+async def stream_chat(url: str, phase: str) -> tuple[str, list[dict[str, Any]]]:
+    """One streamed chat; returns the model that served it and the parsed SSE events before [DONE]."""
+    body = {**CHAT, "stream": True, "max_tokens": 6}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        async with s.post(url + "/v1/chat/completions", json=body, headers={"X-Warmpool-Phase": phase}) as r:
+            assert r.status == 200, await r.text()
+            raw = [line[6:].strip() async for line in r.content if line.startswith(b"data: ")]
+            model = r.headers["X-Warmpool-Model"]
+    assert raw[-1] == b"[DONE]", f"stream cut before [DONE]: {raw[-1]!r}"
+    return model, [json.loads(e) for e in raw[:-1]]
+
+
+async def test_sixteen_agents_three_phases_one_slot(wp: WarmpoolProcess) -> None:
+    phases = {"context": "planner", "execution": "coder", "verification": "verifier"}
+    before = len((await status(wp.url))["pools"][0]["swaps"])
+
+    async def agent(i: int) -> list[str]:
+        order = list(phases)[i % 3:] + list(phases)[: i % 3]
+        served = []
+        for phase in order:
+            model, events = await stream_chat(wp.url, phase)
+            assert model == phases[phase]
+            finishes = [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
+            assert finishes and finishes[-1] in ("stop", "length"), "no finish_reason: stream cut"
+            served.append(model)
+        return served
+
+    results = await asyncio.wait_for(asyncio.gather(*(agent(i) for i in range(16))), timeout=400)
+    assert all(len(r) == 3 for r in results)
+    pool = (await status(wp.url))["pools"][0]
+    swaps = len(pool["swaps"]) - before
+    # 48 requests over 3 models: naive FIFO alternation would swap up to 47 times; batching must do far
+    # better. Each agent's three phases force at least 2 swaps overall.
+    assert 2 <= swaps <= 24, pool["swaps"]
+    assert all(s["ok"] for s in pool["swaps"]) and pool["queue"] == {}
+    assert len(llama_servers(wp.proc.pid)) == 1
 
 
 def test_no_child_left_after_shutdown(tmp_path: Any, gguf_path: str) -> None:

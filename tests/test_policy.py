@@ -170,3 +170,11 @@ def test_operator_unload_drains_then_evicts_even_a_pinned_model() -> None:
     idle = pool(resident("a", pinned=True), unload_requested={"a"})
     p = plan(idle, now=1.0)
     assert (p.evict, p.load, p.reason) == (["a"], None, "admin")
+
+
+def test_a_victim_whose_waiters_are_served_now_is_not_evicted_in_the_same_plan() -> None:
+    # A just loaded and idle, B waited first, A's request queued behind: A's request is granted (batching),
+    # so A is busy and must not be evicted by this very plan (that would cut the granted stream).
+    view = pool(resident("a", loaded_at=1.0), absent("b"), waiters=[w(1, "b", 0.0), w(2, "a", 0.5)])
+    p = plan(view, now=2.0)
+    assert p.grant == [2] and not p.swaps

@@ -75,17 +75,22 @@ class Plan:
 def plan(view: PoolView, now: float) -> Plan:
     """Decide what the pool does next. See the module docstring for the rules."""
     result = Plan(draining={m for m in view.unload_requested if view.models[m].status == "resident"})
-    target = _next_target(view)
+    target = None if view.swapping else _next_target(view)
+    if target is not None and _overdue(view, target, now):
+        result.draining |= {m.name for m in _needed_victims(view, view.models[target.model]) or []}
+    granted = [w for w in view.waiters if _servable(view.models[w.model], result.draining)]
+    result.grant = [w.id for w in granted]
+    # A model whose waiters are served now is busy, even though their requests have not started yet.
+    busy = {w.model for w in granted}
     if not view.swapping and not _plan_requested_unload(view, result) and target is not None:
-        _plan_swap(view, target, now, result)
-    result.grant = [w.id for w in view.waiters if _servable(view.models[w.model], result.draining)]
+        _plan_swap(view, target, now, result, busy)
     if not view.swapping and not result.swaps and not view.waiters:
         _plan_idle(view, now, result)
     return result
 
 
 def _plan_requested_unload(view: PoolView, result: Plan) -> bool:
-    for name in sorted(result.draining):
+    for name in sorted(result.draining & view.unload_requested):
         if not view.models[name].inflight:
             result.evict, result.reason = [name], "admin"
             return True
@@ -104,26 +109,28 @@ def _next_target(view: PoolView) -> Waiter | None:
     return None
 
 
-def _plan_swap(view: PoolView, target: Waiter, now: float, result: Plan) -> None:
-    overdue = now - target.since >= view.max_wait
+def _overdue(view: PoolView, target: Waiter, now: float) -> bool:
+    return now - target.since >= view.max_wait
+
+
+def _needed_victims(view: PoolView, wanted: ModelState) -> list[ModelState] | None:
+    return _victims_needed(view, wanted, _victim_candidates(view, wanted))
+
+
+def _plan_swap(view: PoolView, target: Waiter, now: float, result: Plan, busy: set[str]) -> None:
+    overdue = _overdue(view, target, now)
     wanted = view.models[target.model]
-    candidates = _victim_candidates(view, wanted)
-    needed = _victims_needed(view, wanted, candidates)
+    needed = _needed_victims(view, wanted)
     if needed is None:
         _fail_model(view, wanted, result)
         return
-    ready = [m for m in needed if _evictable_now(m, now, overdue)]
-    if len(ready) == len(needed):
+    if all(_evictable_now(m, now, overdue) and m.name not in busy for m in needed):
         result.evict = [m.name for m in needed]
         result.load = wanted.name
         result.reason = "max_wait" if overdue and needed else "demand"
         return
-    if overdue:
-        result.draining |= {m.name for m in needed}
-    result.wake_at = _earliest(
-        [target.since + view.max_wait] + [m.loaded_at + m.min_residency for m in needed]
-    )
-    result.wake_at = result.wake_at if result.wake_at is not None and result.wake_at > now else None
+    wake = _earliest([target.since + view.max_wait] + [m.loaded_at + m.min_residency for m in needed])
+    result.wake_at = wake if wake is not None and wake > now else None
 
 
 def _victim_candidates(view: PoolView, wanted: ModelState) -> list[ModelState]:
@@ -200,7 +207,7 @@ def _plan_idle_default(view: PoolView, now: float, result: Plan) -> float | None
         return quiet_since + view.idle_after
     wanted = Waiter(id=-1, model=default.name, since=now)
     probe = Plan()
-    _plan_swap(view, wanted, now, probe)
+    _plan_swap(view, wanted, now, probe, set())
     if probe.swaps:
         result.evict, result.load, result.reason = probe.evict, probe.load, "idle_default"
     return probe.wake_at
