@@ -73,7 +73,7 @@ class Pool:
     def _initial_state(self, model: ModelConfig) -> ModelState:
         sched = self.cfg.scheduler
         min_res = model.min_residency if model.min_residency is not None else sched.min_residency
-        return ModelState(name=model.name, size=model.size or 0, pinned=model.pin, min_residency=min_res,
+        return ModelState(name=model.name, size=self.backend.size_hint(model), pinned=model.pin, min_residency=min_res,
                           keep_alive=model.keep_alive)
 
     # -- leases -------------------------------------------------------------------------------------
@@ -151,6 +151,9 @@ class Pool:
     def replan(self) -> None:
         if self.closed:
             return
+        for state in self.models.values():
+            if not state.size:  # a size may become known after start (e.g. Ollama's /api/tags)
+                state.size = self.backend.size_hint(self.backend.models[state.name])
         decision = plan(self.view(), self.clock())
         self.draining = decision.draining
         for waiter_id in decision.grant:
@@ -226,6 +229,8 @@ class Pool:
         state = self.models[name]
         state.status, state.loaded_at = "resident", self.clock()
         state.last_used = max(state.last_used, state.loaded_at)
+        if result.size and not self.backend.models[name].size:
+            state.size = result.size  # measured beats unknown; a configured size is the operator's word
         log.info("loaded %s on %s in %.3f s (%s, from %s) %s", name, self.name, result.seconds, reason, source,
                  {k: round(v, 3) for k, v in result.details.items()})
         if self.metrics:

@@ -34,6 +34,7 @@ class LoadResult:
 
     seconds: float
     details: dict[str, float] = field(default_factory=dict)
+    size: int | None = None  # bytes the loaded model occupies, when the backend reports it
 
 
 @dataclass(slots=True)
@@ -103,6 +104,10 @@ class Backend:
 
     async def resident(self) -> list[ResidentModel]:
         raise NotImplementedError
+
+    def size_hint(self, model: ModelConfig) -> int:
+        """Bytes `model` is expected to occupy before it was ever loaded (0: unknown)."""
+        return model.size or 0
 
     def base_url(self, model: ModelConfig | None) -> str:
         """Where requests for `model` go."""

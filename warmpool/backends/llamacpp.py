@@ -39,6 +39,10 @@ class LlamaCppBackend(Backend):
     async def health(self) -> bool:
         return True
 
+    def size_hint(self, model: ModelConfig) -> int:
+        # Weights dominate a llama.cpp model's footprint; the KV cache comes on top (set `size` to be exact).
+        return model.size or _file_size(model)
+
     def base_url(self, model: ModelConfig | None) -> str:
         server = self.servers.get(model.name) if model else None
         if server is None or not server.alive:
@@ -59,7 +63,8 @@ class LlamaCppBackend(Backend):
             self._refill_spare()
         self.servers[model.name] = server
         self._watchers[model.name] = asyncio.create_task(self._watch(model.name, server))
-        return LoadResult(time.monotonic() - started, {**server.timings, "warm_up": warm_up})
+        return LoadResult(time.monotonic() - started, {**server.timings, "warm_up": warm_up},
+                          size=self.size_hint(model))
 
     async def unload(self, model: ModelConfig) -> None:
         server = self.servers.pop(model.name, None)

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from warmpool.backends.base import Backend, LoadResult, ResidentModel, read_json, send
-from warmpool.config import ModelConfig
+from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError
 
 UNLOAD_CONFIRM_TIMEOUT = 30.0
@@ -38,6 +38,10 @@ def ollama_keep_alive(model: ModelConfig) -> float:
 class OllamaBackend(Backend):
     speaks = "ollama"
 
+    def __init__(self, config: BackendConfig, app_config: Config) -> None:
+        super().__init__(config, app_config)
+        self.disk_sizes: dict[str, int] = {}  # filled from /api/tags once the server answers
+
     def base_url(self, model: ModelConfig | None) -> str:
         return self.config.url.rstrip("/")  # type: ignore[union-attr]
 
@@ -54,10 +58,20 @@ class OllamaBackend(Backend):
     async def health(self) -> bool:
         try:
             await self.get_json("/api/version")
+            await self._learn_disk_sizes()
         except BackendError:
             return False
         self.healthy_once = True
         return True
+
+    async def _learn_disk_sizes(self) -> None:
+        """Model file sizes from /api/tags: the best estimate of a model's footprint before its first load."""
+        entries = (await self.get_json("/api/tags") or {}).get("models") or []
+        on_disk = {tagged(str(e.get("name", ""))): int(e.get("size") or 0) for e in entries}
+        self.disk_sizes = {m.name: on_disk.get(tagged(m.upstream_name), 0) for m in self.models.values()}
+
+    def size_hint(self, model: ModelConfig) -> int:
+        return model.size or self.disk_sizes.get(model.name, 0)
 
     async def load(self, model: ModelConfig) -> LoadResult:
         path, body = load_request(model)
@@ -65,7 +79,15 @@ class OllamaBackend(Backend):
         data = await self._post(path, body)
         if isinstance(data, dict) and data.get("error"):
             raise BackendError(self.name, f"loading {model.upstream_name!r} failed: {data['error']}")
-        return LoadResult(time.monotonic() - started)
+        seconds = time.monotonic() - started
+        return LoadResult(seconds, size=await self._loaded_size(model))
+
+    async def _loaded_size(self, model: ModelConfig) -> int | None:
+        """The runner's footprint from /api/ps (weights + KV + graph), Ollama's own number."""
+        for entry in await self.ps_raw():
+            if tagged(str(entry.get("name", ""))) == tagged(model.upstream_name):
+                return int(entry.get("size") or 0) or None
+        return None
 
     async def unload(self, model: ModelConfig) -> None:
         await self._post("/api/generate", {"model": model.upstream_name, "keep_alive": 0})
