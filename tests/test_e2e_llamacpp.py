@@ -130,6 +130,12 @@ async def test_errors_in_the_clients_dialect(wp: WarmpoolProcess, dialect: str) 
     assert (await post(url, {**CHAT, "model": "planner", "messages": CHAT["messages"]}))[0] == 200
 
 
+async def test_ollama_preload_request_loads_a_llamacpp_model(wp: WarmpoolProcess) -> None:
+    code, _, raw = await post(wp.url + "/api/generate", {"model": "verifier"})
+    assert code == 200 and json.loads(raw)["done_reason"] == "load"
+    assert (await status(wp.url))["pools"][0]["resident"] == ["verifier"]
+
+
 async def test_listings_cover_every_configured_model(wp: WarmpoolProcess) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(wp.url + "/api/tags") as r:

@@ -210,3 +210,14 @@ async def test_shutdown_lets_a_running_stream_finish_and_refuses_new_work(emu: O
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as s2:
             await s2.get(url + "/healthz")
+
+
+async def test_ollama_empty_requests_load_and_unload_through_the_scheduler(emu: OllamaEmulator) -> None:
+    async with running_warmpool(ollama_config(emu.url)) as url:
+        code, headers, data = await request("POST", url + "/api/generate", {"model": "code"})
+        assert code == 200 and data["done_reason"] == "load" and headers["X-Warmpool-Model"] == "beta"
+        assert "beta:latest" in emu.loaded()
+        code, _, data = await request("POST", url + "/api/chat", {"model": "beta", "messages": [], "keep_alive": "0s"})
+        assert code == 200 and data["done_reason"] == "unload"
+        assert "beta:latest" not in emu.loaded()
+        assert (await request("GET", url + "/warmpool/status"))[2]["pools"][0]["resident"] == []

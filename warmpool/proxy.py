@@ -20,7 +20,7 @@ from aiohttp import web
 
 from warmpool import listings, relay, routing, translate
 from warmpool.backends.base import Backend
-from warmpool.config import Config, ModelConfig
+from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unauthorized, WarmpoolError
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics
@@ -105,11 +105,27 @@ class Proxy:
 
     async def _inference(self, ex: Exchange, backend: Backend) -> web.StreamResponse:
         assert ex.model is not None
+        if ex.dialect == "ollama" and translate.is_ollama_preload(ex.request.path, ex.body):
+            return await self._load_or_unload(ex)
         path, body, transform = self._upstream_request(ex, backend)
         async with self.scheduler.lease(ex.model.name) as waited:
             ex.queue_wait = waited
             self._observe_queue(ex)
             return await self._forward(ex, backend, path, body, transform)
+
+    async def _load_or_unload(self, ex: Exchange) -> web.StreamResponse:
+        """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,
+        so it does either through its scheduler (keeping its view true) instead of forwarding."""
+        assert ex.model is not None
+        pool = self.scheduler.pool_of(ex.model.name)
+        unload = is_zero_duration(ex.body.get("keep_alive"))
+        if unload:
+            await pool.unload(ex.model.name, self.cfg.scheduler.queue_timeout)
+        else:
+            ex.queue_wait = await pool.load(ex.model.name)
+        response = web.json_response(translate.ollama_preload_response(ex.request.path, ex.model.name, unload=unload))
+        ex.tag(response)
+        return response
 
     def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], relay.Transform]:
         assert ex.model is not None
@@ -153,6 +169,16 @@ class Proxy:
 
 class MethodNotAllowed(WarmpoolError):
     status = 405
+
+
+def is_zero_duration(value: Any) -> bool:
+    """Ollama's keep_alive 0 in any of its spellings (0, 0.0, "0", "0s", "0m")."""
+    if isinstance(value, bool) or value is None:
+        return False
+    try:
+        return parse_duration(value) == 0
+    except ValueError:
+        return False
 
 
 def check_api_key(request: web.Request, keys: list[bytes]) -> None:
