@@ -7,6 +7,7 @@ model on an OpenAI-speaking backend (managed llama.cpp, openai) is translated on
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -71,6 +72,11 @@ class Proxy:
         except WarmpoolError as error:
             response = error_response(error, ex.dialect)
             ex.tag(response)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client left; nothing to answer
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the proxy
+            log.exception("internal error on %s %s", ex.request.method, ex.request.path)
+            response = error_response(WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), ex.dialect)
         self._account(ex, response)
         return response
 

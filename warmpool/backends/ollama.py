@@ -17,7 +17,7 @@ from typing import Any
 
 from warmpool.backends.base import Backend, LoadResult, ResidentModel, read_json, send
 from warmpool.config import BackendConfig, Config, ModelConfig
-from warmpool.errors import BackendError
+from warmpool.errors import BackendError, BadRequest
 
 UNLOAD_CONFIRM_TIMEOUT = 30.0
 UNLOAD_POLL_INTERVAL = 0.1
@@ -51,8 +51,11 @@ class OllamaBackend(Backend):
         out = super().rewrite_body(model, path, body)
         if path.startswith("/api/"):
             out["keep_alive"] = ollama_keep_alive(model)
+            options = body.get("options") or {}
+            if not isinstance(options, dict):
+                raise BadRequest("'options' must be an object")
             if model.options:
-                out["options"] = {**(body.get("options") or {}), **model.options}
+                out["options"] = {**options, **model.options}
         return out
 
     async def health(self) -> bool:
