@@ -221,3 +221,14 @@ async def test_ollama_empty_requests_load_and_unload_through_the_scheduler(emu: 
         assert code == 200 and data["done_reason"] == "unload"
         assert "beta:latest" not in emu.loaded()
         assert (await request("GET", url + "/warmpool/status"))[2]["pools"][0]["resident"] == []
+
+
+async def test_state_gauges_are_read_at_scrape_time(emu: OllamaEmulator) -> None:
+    async with running_warmpool(ollama_config(emu.url)) as url:
+        assert (await request("POST", url + "/api/generate", GEN))[0] == 200
+        _, _, text = await request("GET", url + "/metrics")
+    assert 'warmpool_model_resident{model="alpha",pool="ol"} 1.0' in text
+    assert 'warmpool_model_resident{model="beta",pool="ol"} 0.0' in text
+    assert 'warmpool_queue_depth{model="alpha",pool="ol"} 0.0' in text
+    assert 'warmpool_backend_up{backend="ol",kind="ollama"} 1.0' in text
+    assert "warmpool_process_resident_memory_bytes" in text

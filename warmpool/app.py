@@ -22,6 +22,7 @@ from warmpool.metrics import Metrics
 from warmpool.preload import preload
 from warmpool.proxy import Proxy
 from warmpool.scheduler import Scheduler
+from warmpool.state_gauges import backend_gauges, scheduler_gauges
 
 log = logging.getLogger("warmpool.app")
 
@@ -38,6 +39,7 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     backends = {name: make_backend(b, cfg) for name, b in cfg.backends.items()}
     scheduler = Scheduler(backends, cfg, metrics)
     proxy = Proxy(cfg, backends, scheduler, metrics)
+    metrics.add_state([lambda: scheduler_gauges(scheduler), lambda: backend_gauges(backends)])
     app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
     app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
     app.cleanup_ctx.append(_backends_lifecycle)

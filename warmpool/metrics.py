@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -58,9 +58,15 @@ class Metrics:
         self.lost = Counter(
             "warmpool_models_lost", "Models that left a backend without warmpool unloading them.",
             ["pool", "model"], registry=registry)
+        ProcessCollector(namespace="warmpool", registry=registry)  # warmpool_process_resident_memory_bytes, ...
+
+    def add_state(self, sources: list[GaugeSource]) -> None:
+        """Register gauges read at scrape time from live state."""
+        self.registry.register(StateCollector(sources))
 
 
-GaugeSource = Callable[[], Iterable[tuple[str, str, list[str], list[tuple[list[str], float]]]]]
+Sample = tuple[str, str, list[str], list[tuple[list[str], float]]]  # name, help, labels, [(values, value)]
+GaugeSource = Callable[[], Iterable[Sample]]
 
 
 class StateCollector(Collector):
