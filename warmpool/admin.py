@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -16,6 +17,7 @@ from warmpool.metrics import Metrics
 from warmpool.scheduler import Scheduler
 
 log = logging.getLogger("warmpool.admin")
+STARTUP_SYNC_TIMEOUT = 3.0
 
 
 def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
@@ -85,12 +87,22 @@ def require_admin(request: web.Request, keys: list[bytes]) -> None:
 
 
 async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> None:
-    """At start: learn what each managed backend already has loaded; an unreachable one is retried later."""
-    for name, backend in backends.items():
-        if not backend.managed:
-            continue
-        try:
-            for resident in await backend.resident():
-                scheduler.pools[name].mark_resident(resident.name)
-        except BackendError as exc:
-            log.warning("backend %s: cannot read its loaded models yet: %s", name, exc.reason)
+    """At start: learn what each managed backend already has loaded, all at once and each within
+    STARTUP_SYNC_TIMEOUT, so a hung backend cannot hold up listening; one that does not answer is
+    learned later (the residency poller, or the first swap)."""
+    managed = {name: b for name, b in backends.items() if b.managed}
+    await asyncio.gather(*(_sync_one(scheduler, name, b) for name, b in managed.items()))
+
+
+async def _sync_one(scheduler: Scheduler, name: str, backend: Backend) -> None:
+    try:
+        async with asyncio.timeout(STARTUP_SYNC_TIMEOUT):
+            residents = await backend.resident()
+    except TimeoutError:
+        log.warning("backend %s: no answer about its loaded models within %g s", name, STARTUP_SYNC_TIMEOUT)
+        return
+    except BackendError as exc:
+        log.warning("backend %s: cannot read its loaded models yet: %s", name, exc.reason)
+        return
+    for resident in residents:
+        scheduler.pools[name].mark_resident(resident.name)

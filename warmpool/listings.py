@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -18,12 +19,17 @@ from warmpool import translate
 from warmpool.backends.base import Backend
 from warmpool.backends.ollama import OllamaBackend, tagged
 from warmpool.config import Config, ModelConfig
-from warmpool.errors import BadRequest, BackendError
+from warmpool.errors import BadRequest, BackendError, ModelNotFound
+from warmpool.routing import model_aliases
 from warmpool.scheduler import Scheduler
 
 # The Ollama API version warmpool reports when no Ollama backend answers for itself.
 OLLAMA_API_VERSION = "0.32.15"
+# Listings are warmpool's own answers; upstream facts only enrich them, so a backend that accepts the
+# connection but never answers may not hold one up for the backend's full request timeout.
+UPSTREAM_LISTING_TIMEOUT = 5.0
 FOREVER = timedelta(days=365 * 292)
+T = TypeVar("T")
 
 
 async def answer(path: str, request: web.Request, cfg: Config, backends: dict[str, Backend],
@@ -36,6 +42,8 @@ async def answer(path: str, request: web.Request, cfg: Config, backends: dict[st
         return web.json_response({"models": await _tags(cfg, backends)})
     if path == "/api/ps":
         return web.json_response({"models": await _ps(cfg, backends)})
+    if path.startswith("/v1/models/"):
+        return web.json_response(_openai_model(cfg, path[len("/v1/models/"):]))
     return web.json_response({"object": "list", "data": _openai_models(cfg)})
 
 
@@ -43,8 +51,8 @@ async def _ollama_version(backends: dict[str, Backend]) -> str:
     for backend in backends.values():
         if isinstance(backend, OllamaBackend):
             try:
-                return str((await backend.get_json("/api/version"))["version"])
-            except (BackendError, KeyError, TypeError):
+                return str((await _bounded(backend.get_json("/api/version")))["version"])
+            except (BackendError, TimeoutError, KeyError, TypeError):
                 continue
     return OLLAMA_API_VERSION
 
@@ -57,12 +65,18 @@ async def _tags(cfg: Config, backends: dict[str, Backend]) -> list[dict[str, Any
 async def _ollama_tags(backends: dict[str, Backend]) -> dict[tuple[str, str], dict[str, Any]]:
     """Each Ollama backend's own /api/tags entries, by (backend, tagged name); an unreachable one adds none."""
     ollama = [b for b in backends.values() if isinstance(b, OllamaBackend)]
-    results = await asyncio.gather(*(b.get_json("/api/tags") for b in ollama), return_exceptions=True)
+    asks = (_bounded(b.get_json("/api/tags")) for b in ollama)
+    results = await asyncio.gather(*asks, return_exceptions=True)
     found: dict[tuple[str, str], dict[str, Any]] = {}
     for backend, result in zip(ollama, results, strict=True):
         for entry in (result or {}).get("models", []) if isinstance(result, dict) else []:
             found[(backend.name, tagged(str(entry.get("name", ""))))] = entry
     return found
+
+
+async def _bounded(awaitable: Awaitable[T]) -> T:
+    async with asyncio.timeout(UPSTREAM_LISTING_TIMEOUT):
+        return await awaitable
 
 
 def _tag_entry(model: ModelConfig, upstream: dict[str, Any] | None) -> dict[str, Any]:
@@ -74,7 +88,7 @@ def _tag_entry(model: ModelConfig, upstream: dict[str, Any] | None) -> dict[str,
 
 async def _ps(cfg: Config, backends: dict[str, Backend]) -> list[dict[str, Any]]:
     managed = [b for b in backends.values() if b.managed]
-    results = await asyncio.gather(*(b.resident() for b in managed), return_exceptions=True)
+    results = await asyncio.gather(*(_bounded(b.resident()) for b in managed), return_exceptions=True)
     entries = []
     for result in results:
         for resident in result if isinstance(result, list) else []:
@@ -92,6 +106,15 @@ def _ps_entry(model: ModelConfig, size: int, expires_at: str | None, context_len
 def _openai_models(cfg: Config) -> list[dict[str, Any]]:
     created = int(time.time())
     return [translate.openai_model_entry(m.name, created=created, owned_by=m.backend) for m in cfg.models.values()]
+
+
+def _openai_model(cfg: Config, requested: str) -> dict[str, Any]:
+    """One model's entry, by any name a client may use for it (configured or upstream, with or without
+    ':latest'); a phase name is not a model."""
+    name = model_aliases(cfg).get(requested)
+    if name is None:
+        raise ModelNotFound(f"model '{requested}' not found")
+    return translate.openai_model_entry(name, created=int(time.time()), owned_by=cfg.models[name].backend)
 
 
 def file_facts(path: str | None) -> tuple[int, str]:

@@ -87,7 +87,7 @@ class Proxy:
         if method not in routing.allowed_methods(path):
             raise MethodNotAllowed(f"{method} not allowed on {path}")
         check_api_key(ex.request, self.api_keys)
-        if path in routing.LISTINGS:
+        if path in routing.LISTINGS or routing.is_model_entry(path):
             return await listings.answer(path, ex.request, self.cfg, self.backends, self.scheduler)
         ex.body = parse_json(await read_body(ex.request, self.cfg.max_body_size))
         choice = routing.choose_model(

@@ -23,6 +23,7 @@ INFERENCE = frozenset({
 MODEL_ADMIN = frozenset({"/api/show", "/api/pull", "/api/delete", "/api/copy"})
 # Endpoints warmpool answers itself from the config and the backends' state.
 LISTINGS = frozenset({"/", "/api/tags", "/api/ps", "/api/version", "/v1/models"})
+MODEL_ENTRY_PREFIX = "/v1/models/"
 ALLOWED_METHODS = {
     "/": ("GET", "HEAD"), "/api/version": ("GET", "HEAD"), "/api/tags": ("GET", "HEAD"),
     "/api/ps": ("GET",), "/v1/models": ("GET",), "/api/delete": ("DELETE",),
@@ -35,11 +36,18 @@ def dialect_of(path: str) -> str:
 
 
 def allowed_methods(path: str) -> tuple[str, ...]:
+    if is_model_entry(path):
+        return ("GET",)
     return ALLOWED_METHODS.get(path, ("POST",))
 
 
 def is_known_path(path: str) -> bool:
-    return path in INFERENCE or path in MODEL_ADMIN or path in LISTINGS
+    return path in INFERENCE or path in MODEL_ADMIN or path in LISTINGS or is_model_entry(path)
+
+
+def is_model_entry(path: str) -> bool:
+    """GET /v1/models/{id}: one model's OpenAI entry (the id may contain slashes)."""
+    return path.startswith(MODEL_ENTRY_PREFIX) and len(path) > len(MODEL_ENTRY_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
