@@ -95,11 +95,16 @@ async def poll_once(pool: Pool, backend: OllamaBackend, metrics: Metrics | None,
 
 
 async def _refresh(pool: Pool, backend: OllamaBackend, name: str, metrics: Metrics | None) -> None:
-    try:
-        await backend.load(backend.models[name])
-        result = "ok"
-    except BackendError as exc:
-        result = "error"
-        log.warning("re-arming %s on %s failed: %s", name, backend.name, exc.reason)
+    if pool.models[name].status != "resident" or name in pool.draining:
+        return
+    # Hold a lease while re-arming: a swap cannot unload the model under us, so this load request can
+    # never bring back a model that was just evicted.
+    async with pool.lease(name):
+        try:
+            await backend.load(backend.models[name])
+            result = "ok"
+        except BackendError as exc:
+            result = "error"
+            log.warning("re-arming %s on %s failed: %s", name, backend.name, exc.reason)
     if metrics:
         metrics.refreshes.labels(pool.name, name, result).inc()
