@@ -14,6 +14,8 @@ from warmpool.backends.base import Backend
 from warmpool.config import Config
 from warmpool.errors import BackendError, WarmpoolError
 from warmpool.metrics import Metrics
+from warmpool.model_admin import add_model_routes
+from warmpool.ramtier import RamTier
 from warmpool.scheduler import Scheduler
 
 log = logging.getLogger("warmpool.admin")
@@ -21,7 +23,7 @@ STARTUP_SYNC_TIMEOUT = 3.0
 
 
 def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
-               metrics: Metrics) -> None:
+               metrics: Metrics, tier: RamTier | None = None) -> None:
     admin_keys = [k.encode() for k in cfg.auth.admin_keys]
 
     async def healthz(request: web.Request) -> web.Response:
@@ -39,7 +41,8 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
 
     async def status(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
-        return web.json_response(scheduler.snapshot())
+        ram = tier.snapshot() if tier is not None else {"enabled": False}
+        return web.json_response({**scheduler.snapshot(), "ram_tier": ram})
 
     async def load(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
@@ -66,6 +69,7 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/warmpool/status", status)
+    add_model_routes(app, cfg, scheduler, tier, admin_keys)
 
 
 def known_model(request: web.Request, cfg: Config) -> str:

@@ -21,6 +21,8 @@ from warmpool.config import Config
 from warmpool.metrics import Metrics
 from warmpool.preload import preload
 from warmpool.proxy import Proxy
+from warmpool.ramtier import RamTier
+from warmpool.ramtier_wiring import build_ram_tier, ram_tier_metrics
 from warmpool.scheduler import Scheduler
 from warmpool.state_gauges import backend_gauges, scheduler_gauges
 
@@ -31,6 +33,7 @@ BACKENDS = web.AppKey("backends", dict)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
+RAMTIER = web.AppKey("ramtier", object)  # RamTier | None
 
 
 def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -39,12 +42,17 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     backends = {name: make_backend(b, cfg) for name, b in cfg.backends.items()}
     scheduler = Scheduler(backends, cfg, metrics)
     proxy = Proxy(cfg, backends, scheduler, metrics)
-    metrics.add_state([lambda: scheduler_gauges(scheduler), lambda: backend_gauges(backends)])
+    tier = build_ram_tier(cfg, scheduler)
+    sources = [lambda: scheduler_gauges(scheduler), lambda: backend_gauges(backends)]
+    if tier is not None:
+        sources.append(lambda: ram_tier_metrics(tier))
+    metrics.add_state(sources)
     app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
     app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
+    app[RAMTIER] = tier
     app.cleanup_ctx.append(_backends_lifecycle)
     app.on_shutdown.append(_stop_admitting)
-    admin.add_routes(app, cfg, backends, scheduler, metrics)
+    admin.add_routes(app, cfg, backends, scheduler, metrics, tier)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -53,6 +61,9 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     backends: dict[str, Backend] = app[BACKENDS]
     await asyncio.gather(*(b.start() for b in backends.values()))
     await admin.sync_residency(app[SCHEDULER], backends)
+    tier = app[RAMTIER]
+    if isinstance(tier, RamTier):
+        await tier.start()
     tasks = [asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")]
     tasks += [
         asyncio.create_task(residency.watch(app[SCHEDULER].pools[name], b, app[METRICS]), name=f"watch:{name}")
@@ -61,6 +72,8 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         task.cancel()
+    if isinstance(tier, RamTier):
+        await tier.close()
     results = await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
     for backend, result in zip(backends.values(), results, strict=True):
         if isinstance(result, BaseException):

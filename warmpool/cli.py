@@ -15,10 +15,18 @@ import yaml
 
 from warmpool import __version__
 from warmpool.config import Config, discover_config_path, load_config, redacted
-from warmpool.client import ClientError, call, find_url, render_status
+from warmpool.client import RENDER, ClientError, call, find_url, render_action, warm_with_progress
 from warmpool.errors import ConfigError
 
 EXIT_CONFIG = 2
+ADMIN_COMMANDS = {
+    "status": "show pools, models, queues and recent swaps of a running warmpool",
+    "models": "show every model's tiers: loaded, share of its weight files in RAM, use",
+    "load": "load a model now (waits until it is resident)",
+    "unload": "unload a model once its running requests end",
+    "warm": "read a model's weight files into the page cache (RAM), with progress on a terminal",
+    "evict": "drop a model's weight files that warmpool warmed from the page cache",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"])
     check = sub.add_parser("check-config", help="validate a config and print it resolved, secrets redacted")
     check.add_argument("path", nargs="?", help="config file (default: the same discovery as serve)")
-    for name, text in (("status", "show pools, models, queues and recent swaps of a running warmpool"),
-                       ("load", "load a model now (waits until it is resident)"),
-                       ("unload", "unload a model once its running requests end")):
+    for name, text in ADMIN_COMMANDS.items():
         cmd = sub.add_parser(name, help=text)
-        if name != "status":
+        if name not in ("status", "models"):
             cmd.add_argument("model")
         cmd.add_argument("--url", help="warmpool's address (else $WARMPOOL_URL, else the config's listen)")
         cmd.add_argument("--config", help="config file whose `listen` to use")
@@ -52,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.path)
-        if args.command in ("status", "load", "unload"):
+        if args.command in ADMIN_COMMANDS:
             return admin_command(args)
         return serve(args)
     except ConfigError as error:
@@ -78,17 +84,16 @@ def check_config(path: str | None) -> int:
 
 def admin_command(args: argparse.Namespace) -> int:
     base = find_url(args.url, args.config)
-    if args.command == "status":
-        data = call("GET", f"{base}/warmpool/status", args.admin_key)
-        print(json.dumps(data, indent=2) if args.json else render_status(data))
+    if args.command in ("status", "models"):
+        data = call("GET", f"{base}/warmpool/{args.command}", args.admin_key)
+        print(json.dumps(data, indent=2) if args.json else RENDER[args.command](data))
         return 0
-    data = call("POST", f"{base}/warmpool/models/{quote(args.model, safe='')}/{args.command}", args.admin_key)
-    if args.json:
-        print(json.dumps(data, indent=2))
-    elif args.command == "load":
-        print(f"{data['model']}: resident ({data['seconds']:.3f} s)")
-    else:
-        print(f"{data['model']}: unloaded" if data["was_loaded"] else f"{data['model']}: was not loaded")
+    url = f"{base}/warmpool/models/{quote(args.model, safe='')}/{args.command}"
+    if args.command == "warm" and not args.json:
+        print(warm_with_progress(url, args.admin_key, sys.stdout.isatty()))
+        return 0
+    data = call("POST", url, args.admin_key)
+    print(json.dumps(data, indent=2) if args.json else render_action(args.command, data))
     return 0
 
 

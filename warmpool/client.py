@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -82,3 +85,74 @@ def _render_pool(pool: dict[str, Any]) -> str:
 
 def _clock(epoch: float) -> str:
     return datetime.fromtimestamp(epoch).strftime("%H:%M:%S")
+
+
+def render_models(data: dict[str, Any]) -> str:
+    rows = [[m["name"], m["backend"], m["status"], m.get("tier") or "-", _size(m.get("size")),
+             _percent(m.get("percent_in_ram")), m.get("use_count", 0), _ago(m.get("last_used")),
+             m.get("reason") or ""] for m in data["models"]]
+    return table(["MODEL", "BACKEND", "STATUS", "TIER", "SIZE", "IN RAM", "USES", "LAST USED", "NOTE"], rows)
+
+
+def render_action(command: str, data: dict[str, Any]) -> str:
+    if command == "load":
+        return f"{data['model']}: resident ({data['seconds']:.3f} s)"
+    if command == "unload":
+        return f"{data['model']}: unloaded" if data["was_loaded"] else f"{data['model']}: was not loaded"
+    return f"{data['model']}: dropped {_size(data['bytes_dropped'])}, {_percent(data['percent_in_ram'])} in RAM"
+
+
+def warm_with_progress(url: str, admin_key: str | None, show_bar: bool) -> str:
+    """POST .../warm?progress=1 and draw a bar from its NDJSON lines; returns the closing summary."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    try:
+        with httpx.stream("POST", url + "?progress=1", headers=headers, timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ClientError(f"POST {url}: {response.status_code} {_json_or_text(response)}")
+            last = _follow_progress(response.iter_lines(), show_bar)
+    except httpx.HTTPError as exc:
+        raise ClientError(f"cannot reach warmpool at {url}: {exc}") from None
+    if "error" in last:
+        raise ClientError(str(last["error"]))
+    held = f" (held: {last['held']})" if last.get("held") else ""
+    return f"{last['model']}: warmed {_size(last['bytes_warmed'])}, {_percent(last['percent_in_ram'])} in RAM{held}"
+
+
+def _follow_progress(lines: Any, show_bar: bool) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        last = json.loads(line)
+        if show_bar and "bytes" in last and last.get("total"):
+            done = min(1.0, last["bytes"] / last["total"])
+            sys.stdout.write(f"\r[{'#' * int(done * 30):<30}] {done:6.1%} {_size(last['bytes'])}")
+            sys.stdout.flush()
+    if show_bar:
+        sys.stdout.write("\r" + " " * 60 + "\r")
+    return last
+
+
+def _size(value: Any) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _ago(epoch: Any) -> str:
+    if not epoch:
+        return "never"
+    seconds = max(0, int(time.time() - epoch))
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago" if seconds < 7200 else f"{seconds // 3600}h ago"
+
+
+RENDER = {"status": render_status, "models": render_models}

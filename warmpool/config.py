@@ -97,6 +97,51 @@ class ModelConfig:
     size: int | None = None  # bytes in (V)RAM when loaded, if known
 
 
+Strategy = Literal["read", "madvise", "mlock"]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryAmount:
+    """A number of bytes, or a percentage of total RAM."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+    def of(self, total: int) -> int:
+        return self.bytes if self.bytes is not None else int(total * (self.percent or 0.0) / 100)
+
+    @classmethod
+    def parse(cls, value: object) -> MemoryAmount:
+        """From 8589934592, "8GiB" or "50%"; raises ValueError."""
+        if isinstance(value, str) and value.strip().endswith("%"):
+            percent = float(value.strip()[:-1])
+            if not 0 <= percent <= 100:
+                raise ValueError(f"expected a percentage between 0% and 100%, got {value!r}")
+            return cls(percent=percent)
+        return cls(bytes=parse_size(value))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.bytes is None else f"{self.bytes} bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class RamTierConfig:
+    """The `ram_tier:` section: which weight files stay warm in the page cache, and within what."""
+
+    enabled: bool = True
+    budget: MemoryAmount = MemoryAmount(percent=50.0)  # weight bytes the page cache may hold for models
+    reserve: MemoryAmount = MemoryAmount(percent=10.0)  # available memory warming never eats into
+    strategy: Strategy = "read"
+    interval: float = 5.0  # seconds between re-measurements
+    rate: int = 500_000_000  # bytes/s for `read` warming; 0 = unlimited
+    min_warm_fraction: float = 0.9  # resident share at which a model counts as warm (source "ram")
+    state_file: str | None = None  # None = ${XDG_STATE_HOME:-~/.local/state}/warmpool/usage.json
+    top_n: int = 3  # most used models (per the state file) wanted warm from the start
+    ollama_models: str | None = None  # Ollama store; None = $OLLAMA_MODELS, ~/.ollama/models, service store
+    models_dirs: tuple[str, ...] = ()  # directories searched for <model name>.gguf
+    hf_cache: str | None = None  # None = $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen_host: str = "127.0.0.1"
@@ -111,6 +156,7 @@ class Config:
     phases: dict[str, str] = field(default_factory=dict)
     default_phase: str | None = None
     preload: tuple[str, ...] = ()
+    ram_tier: RamTierConfig = field(default_factory=RamTierConfig)
     source: str = "<defaults>"  # where it came from: a path, or "<embedded default>"
 
     @property
@@ -429,6 +475,18 @@ def _name_list(value: Any) -> tuple[str, ...]:
     return tuple(str(item) for item in value)
 
 
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise _expect("a fraction in (0, 1]", value)
+    return float(value)
+
+
+def _path_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise _expect("a list of paths", value)
+    return tuple(_path(item) for item in value)
+
+
 def _choice(*options: str) -> Parser:
     def parse_choice(value: Any) -> str:
         text = value.lower() if isinstance(value, str) else value
@@ -673,6 +731,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, Parser]]] = {
                         "format": _choice("text", "json")}),
     "timeouts": (TimeoutsConfig, {f.name: _timeout for f in fields(TimeoutsConfig)}),
     "auth": (AuthConfig, {"api_keys": _secret_list, "admin_keys": _secret_list}),
+    "ram_tier": (RamTierConfig, {
+        "enabled": _bool, "budget": MemoryAmount.parse, "reserve": MemoryAmount.parse,
+        "strategy": _choice("read", "madvise", "mlock"), "interval": _timeout, "rate": parse_size,
+        "min_warm_fraction": _fraction, "state_file": _nullable(_path), "top_n": _int(0),
+        "ollama_models": _nullable(_path), "models_dirs": _path_list, "hf_cache": _nullable(_path)}),
     "scheduler": (SchedulerConfig, {"max_queue": _int(1), "queue_timeout": _timeout,
                                     "max_wait": parse_duration, "min_residency": parse_duration}),
 }
@@ -827,12 +890,22 @@ def redacted(cfg: Config) -> dict[str, Any]:
         **{key: _fields_of(getattr(cfg, key)) for key in ("log", "max_body_size", "timeouts")},
         "auth": {key: [_MASK] * len(keys) for key, keys in _fields_of(cfg.auth).items()},
         "scheduler": _fields_of(cfg.scheduler),
+        "ram_tier": _ram_tier_dict(cfg.ram_tier),
         "backends": {name: _redacted_backend(backend) for name, backend in cfg.backends.items()},
         "models": {name: _model_dict(model, cfg) for name, model in cfg.models.items()},
         "phases": dict(cfg.phases),
         "default_phase": cfg.default_phase,
         "preload": list(cfg.preload),
     }
+
+
+def _ram_tier_dict(rt: RamTierConfig) -> dict[str, Any]:
+    out = {f.name: getattr(rt, f.name) for f in fields(rt)}
+    for key in ("budget", "reserve"):
+        amount = out[key]
+        out[key] = f"{amount.percent:g}%" if amount.bytes is None else amount.bytes
+    out["models_dirs"] = list(rt.models_dirs)
+    return out
 
 
 def _fields_of(value: Any) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Swaps range from a 50 ms load out of RAM to minutes for a large model from a slow disk.
@@ -70,8 +70,8 @@ GaugeSource = Callable[[], Iterable[Sample]]
 
 
 class StateCollector(Collector):
-    """Gauges read at scrape time from the live state: each source yields
-    (name, help, label names, [(label values, value), ...])."""
+    """Metrics read at scrape time from the live state: each source yields
+    (name, help, label names, [(label values, value), ...]); a name ending in `_total` is a counter."""
 
     def __init__(self, sources: list[GaugeSource]) -> None:
         self.sources = sources
@@ -79,7 +79,11 @@ class StateCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         for source in self.sources:
             for name, doc, labels, samples in source():
-                family = GaugeMetricFamily(name, doc, labels=labels)
+                family: GaugeMetricFamily | CounterMetricFamily
+                if name.endswith("_total"):
+                    family = CounterMetricFamily(name[: -len("_total")], doc, labels=labels)
+                else:
+                    family = GaugeMetricFamily(name, doc, labels=labels)
                 for values, value in samples:
                     family.add_metric(values, value)
                 yield family

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from warmpool import pagecache
+from warmpool.config import MemoryAmount, RamTierConfig
 from warmpool.pagecache import MlockPin, PageCacheError, Residency
 from warmpool.weights import WeightFiles
 
@@ -47,60 +48,15 @@ __all__ = [
 
 log = logging.getLogger("warmpool.ramtier")
 MAX_SCAN_SHARE = 0.02  # the timer stretches its interval so that scans take at most this share of a core
-Strategy = Literal["read", "madvise", "mlock"]
 MemoryProbe = Callable[[], tuple[int, int]]  # () -> (total bytes, available bytes)
 
 
 # -- configuration ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class MemoryAmount:
-    """A number of bytes, or a percentage of total RAM."""
-
-    bytes: int | None = None
-    percent: float | None = None
-
-    def of(self, total: int) -> int:
-        return self.bytes if self.bytes is not None else int(total * (self.percent or 0.0) / 100)
-
-    @classmethod
-    def parse(cls, value: object) -> MemoryAmount:
-        """From 8589934592, "8GiB" or "50%"; raises ValueError."""
-        if isinstance(value, str) and value.strip().endswith("%"):
-            percent = float(value.strip()[:-1])
-            if not 0 <= percent <= 100:
-                raise ValueError(f"expected a percentage between 0% and 100%, got {value!r}")
-            return cls(percent=percent)
-        from warmpool.config import parse_size
-
-        return cls(bytes=parse_size(value))
-
-    def __str__(self) -> str:
-        return f"{self.percent:g}%" if self.bytes is None else f"{self.bytes} bytes"
-
-
 def default_state_file(env: Mapping[str, str] = os.environ) -> Path:
     state_home = env.get("XDG_STATE_HOME", "")
     base = Path(state_home) if os.path.isabs(state_home) else Path.home() / ".local" / "state"
     return base / "warmpool" / "usage.json"
-
-
-@dataclass(frozen=True, slots=True)
-class RamTierConfig:
-    """The `ram_tier:` section (to move into config.py)."""
-
-    enabled: bool = True
-    budget: MemoryAmount = MemoryAmount(percent=50.0)  # weight bytes the page cache may hold for models
-    reserve: MemoryAmount = MemoryAmount(percent=10.0)  # available memory warming never eats into
-    strategy: Strategy = "read"
-    interval: float = 5.0  # seconds between re-measurements
-    rate: int = 500_000_000  # bytes/s for `read` warming; 0 = unlimited
-    min_warm_fraction: float = 0.9  # resident share at which a model counts as warm (source "ram")
-    state_file: str | None = None  # None = ${XDG_STATE_HOME:-~/.local/state}/warmpool/usage.json
-    top_n: int = 3  # most used models (per the state file) wanted warm from the start
-    ollama_models: str | None = None  # Ollama store; None = $OLLAMA_MODELS, ~/.ollama/models, service store
-    models_dirs: tuple[str, ...] = ()  # directories searched for <model name>.gguf
-    hf_cache: str | None = None  # None = $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub
 
 
 def system_memory() -> tuple[int, int]:

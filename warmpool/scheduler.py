@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,9 @@ class Pool:
         self.closed = False
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
-        self.source_of: Callable[[ModelConfig], str] = lambda model: "unknown"
+        # Where a swap's weights come from (RAM tier: "ram" | "disk"), measured when the swap starts.
+        self.source_probe: Callable[[str], Awaitable[str]] = _unknown_source
+        self.on_use: Callable[[str], None] = lambda model: None
 
     def __repr__(self) -> str:
         states = ", ".join(f"{m.name}:{m.status}/{m.inflight}" for m in self.models.values())
@@ -100,6 +102,7 @@ class Pool:
         state = self.models[model]
         state.inflight -= 1
         state.last_used = self.clock()
+        self.on_use(model)
         if self.backend.managed:
             self.replan()
 
@@ -196,7 +199,7 @@ class Pool:
 
     async def _swap(self, evict: list[str], load: str | None, reason: str) -> None:
         started, wall = self.clock(), time.time()
-        source = self.source_of(self.backend.models[load]) if load else "unknown"
+        source = await self._probe_source(load) if load else "unknown"
         record = SwapRecord(load, list(evict), reason, wall, 0.0, None, source, ok=True)
         try:
             for name in evict:
@@ -209,6 +212,13 @@ class Pool:
         finally:
             record.seconds = self.clock() - started
             self._finish_swap(record)
+
+    async def _probe_source(self, name: str) -> str:
+        try:
+            return await self.source_probe(name)
+        except Exception:  # noqa: BLE001 - a failed measurement must not fail the swap
+            log.exception("measuring the source tier of %s failed", name)
+            return "unknown"
 
     async def _unload(self, name: str, reason: str) -> None:
         started = self.clock()
@@ -327,6 +337,10 @@ class Pool:
             "queue": _queue_by_model(w for w, _ in self.waiters.values()),
             "swaps": [_swap_snapshot(r) for r in reversed(self.history)],
         }
+
+
+async def _unknown_source(model: str) -> str:
+    return "unknown"
 
 
 def _model_snapshot(m: ModelState) -> dict[str, Any]:
