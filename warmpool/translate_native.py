@@ -426,10 +426,12 @@ class _Envelope:
         self.id = id or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
 
     def frame(self, choices: list[JSON], *, chunk: bool = False) -> JSON:
-        obj = "text_completion" if self.kind == "completion" else "chat.completion"
-        return {"id": self.id, "object": f"{obj}.chunk" if chunk and self.kind == "chat" else obj,
-                "created": self.created, "model": self.model, "system_fingerprint": FINGERPRINT,
-                "choices": choices}
+        if self.kind == "completion":
+            obj = "text_completion"  # OpenAI names completion chunks like the whole answer
+        else:
+            obj = "chat.completion.chunk" if chunk else "chat.completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": FINGERPRINT, "choices": choices}
 
 
 def _openai_tool_calls(calls: Any) -> list[JSON]:
@@ -441,8 +443,9 @@ def _openai_tool_call(call: JSON) -> JSON:
     function = _object_at(call, "function")
     arguments = function.get("arguments", {})
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    given = call.get("id")
     # older Ollama builds send no id, but OpenAI clients need one to answer the call
-    call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else _call_id()
+    call_id = given if isinstance(given, str) and given else _call_id()
     return {"id": call_id, "type": "function", "function": {"name": _text(function.get("name")),
                                                              "arguments": text}}
 
