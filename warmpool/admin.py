@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,6 +20,7 @@ from warmpool.ramtier import RamTier
 from warmpool.scheduler import Scheduler
 
 log = logging.getLogger("warmpool.admin")
+STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
 STARTUP_SYNC_TIMEOUT = 3.0
 
 
@@ -68,7 +70,14 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    async def page(request: web.Request) -> web.Response:
+        # The page itself holds no data; its fetches carry the admin key when one is required.
+        return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
     app.router.add_get("/warmpool/status", status)
+    app.router.add_get("/warmpool/", page)
+    app.router.add_get("/warmpool", page)
     add_model_routes(app, cfg, scheduler, tier, admin_keys)
 
 
