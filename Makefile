@@ -9,13 +9,24 @@ BIN := $(VENV)/bin
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 export CMAKE_ARGS
 
-.PHONY: serve test bench clean
+# Programs some tests drive for real: headless Chromium (the status page) and Prometheus (the dashboard).
+SYSTEM_TOOLS := chromium prometheus
+
+.PHONY: serve test bench clean system-deps
 
 serve: $(VENV)/.installed-serve
 	$(BIN)/warmpool serve $(ARGS)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "note: install$$missing (Debian packages) to run every test; without them those tests skip"; fi; \
+	fi
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/overhead.py
