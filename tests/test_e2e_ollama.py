@@ -427,9 +427,6 @@ async def test_preload_uses_the_configured_options_so_traffic_does_not_reload(ma
     assert stack.received("/api/chat")[-1]["options"] == {"num_ctx": PLANNER_CTX, "temperature": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="OpenAI-dialect requests to an Ollama backend cannot carry the "
-                   "model's configured options (num_ctx), so Ollama reloads the model preloaded with them "
-                   "and thrashes between the dialects (upstream_spec §1.9)")
 async def test_openai_dialect_does_not_reload_a_model_with_options(make_stack: MakeStack) -> None:
     stack = await make_stack(preload=[PLANNER])
     await eventually(lambda: stack.emu.count("load_done", UPSTREAM[PLANNER]) == 1)
@@ -743,7 +740,7 @@ SUBMISSION = ["context", "execution", "review", "context", "execution", "context
 @pytest.mark.timeout(180)
 async def test_sixteen_clients_over_three_phases_are_batched(make_stack: MakeStack) -> None:
     stack = await make_stack(emulator={"token_delay": 0.02})
-    # a few clients speak OpenAI (not to the planner: /v1 cannot carry its num_ctx, see the xfail above)
+    # a few clients speak OpenAI
     clients = [(openai_stream if i % 3 == 1 and phase != "context" else native_stream)(stack, phase)
                for i, phase in enumerate(SUBMISSION)]
     answers = await asyncio.wait_for(asyncio.gather(*clients), 120)

@@ -19,7 +19,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from warmpool import listings, relay, routing, translate
+from warmpool import listings, relay, routing, translate, translate_native
+from warmpool.backends.ollama import ollama_keep_alive
+from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.backends.base import Backend
 from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unauthorized, WarmpoolError
@@ -133,17 +135,22 @@ class Proxy:
         ex.tag(response)
         return response
 
-    def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], relay.Transform]:
+    def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
         assert ex.model is not None
         path = ex.request.path
         if ex.dialect == "ollama" and backend.speaks == "openai":
             upstream_path, body = translate.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
-            return upstream_path, body, relay.OllamaFromOpenAI(path, ex.model.name, ex.body)
+            return upstream_path, body, OllamaFromOpenAI(path, ex.model.name, ex.body)
+        if ex.dialect == "openai" and backend.speaks == "ollama" and ex.model.options:
+            # Ollama's /v1 cannot carry load-time options: it would reload the model with defaults.
+            upstream_path, body = translate_native.openai_request_to_ollama(
+                path, ex.body, ex.model.upstream_name, ex.model.options, ollama_keep_alive(ex.model))
+            return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
         body = backend.rewrite_body(ex.model, path, ex.body)
         return path, body, None
 
     async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
-                       transform: relay.Transform) -> web.StreamResponse:
+                       transform: Transform | None) -> web.StreamResponse:
         assert ex.model is not None
         upstream = await backend.forward(
             ex.model, ex.request.method, path, ex.request.headers, json.dumps(body).encode(),

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from warmpool import translate
+from warmpool.transforms import Streamer, Transform
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
 
 SKIP_RESPONSE_HEADERS = frozenset({
@@ -23,39 +23,11 @@ SKIP_RESPONSE_HEADERS = frozenset({
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
-class OllamaFromOpenAI:
-    """Turns an OpenAI upstream response into the Ollama response the client asked for."""
-
-    def __init__(self, ollama_path: str, model: str, ollama_body: dict[str, Any]) -> None:
-        self.path = ollama_path
-        self.model = model
-        self.kind = "chat" if ollama_path == "/api/chat" else "generate"
-        self.embedding = ollama_path in ("/api/embed", "/api/embeddings")
-        self.stream = bool(ollama_body.get("stream", True)) and not self.embedding
-        self.started = time.monotonic()
-
-    def error_body(self, raw: bytes) -> bytes:
-        return json.dumps(translate.openai_error_to_ollama(raw)).encode()
-
-    def whole_body(self, raw: bytes) -> bytes:
-        data = json.loads(raw)
-        ns = int((time.monotonic() - self.started) * 1e9)
-        if self.embedding:
-            out = translate.openai_embeddings_to_ollama(self.path, self.model, data, total_duration_ns=ns)
-        else:
-            out = translate.openai_response_to_ollama(self.kind, self.model, data, total_duration_ns=ns)
-        return json.dumps(out).encode()
-
-    def streamer(self) -> translate.OllamaStreamTranslator:
-        return translate.OllamaStreamTranslator(self.kind, self.model, started=self.started)
-
-
-Transform = OllamaFromOpenAI | None
 Tagger = Callable[[web.StreamResponse], None]
 
 
 async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, dialect: str,
-                tag: Tagger, transform: Transform, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+                tag: Tagger, transform: Transform | None, on_first_byte: Callable[[], None]) -> web.StreamResponse:
     """Copy `upstream` to the client; always releases the upstream connection (closing it early cancels the
     upstream's work when the client went away)."""
     try:
@@ -90,15 +62,15 @@ async def _copy_chunks(upstream: aiohttp.ClientResponse, response: web.StreamRes
 
 
 async def _translated(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
-                      transform: OllamaFromOpenAI, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+                      transform: Transform, on_first_byte: Callable[[], None]) -> web.StreamResponse:
     if upstream.status >= 300 or not transform.stream:
         raw = await _read_all(upstream, backend)
-        body = transform.error_body(raw) if upstream.status >= 300 else transform.whole_body(raw)
+        body = transform.error_body(raw, upstream.status) if upstream.status >= 300 else _whole(transform, raw, backend)
         response = web.Response(status=upstream.status, body=body, content_type="application/json")
         tag(response)
         on_first_byte()
         return response
-    response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-ndjson"})
+    response = web.StreamResponse(status=200, headers={"Content-Type": transform.content_type})
     tag(response)
     await response.prepare(request)
     on_first_byte()
@@ -108,7 +80,7 @@ async def _translated(request: web.Request, upstream: aiohttp.ClientResponse, ba
 
 
 async def _translate_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str,
-                            streamer: translate.OllamaStreamTranslator) -> None:
+                            streamer: Streamer) -> None:
     try:
         async for chunk in upstream.content.iter_any():
             for line in streamer.feed(chunk):
@@ -117,6 +89,13 @@ async def _translate_chunks(upstream: aiohttp.ClientResponse, response: web.Stre
             await response.write(line)
     except (aiohttp.ClientError, TimeoutError) as exc:
         await _report_mid_stream(response, upstream_failure(backend, exc), "ollama")
+
+
+def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
+    try:
+        return transform.whole_body(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendError(backend, f"upstream sent an answer warmpool cannot translate: {exc}") from exc
 
 
 async def _read_all(upstream: aiohttp.ClientResponse, backend: str) -> bytes:
