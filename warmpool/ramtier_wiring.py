@@ -58,6 +58,8 @@ COUNTERS = {
     "misses": "Swaps whose weights had to come from disk.",
     "warmed_bytes": "Bytes the RAM tier read into the page cache.",
     "evictions": "Times the RAM tier dropped a model's files from the page cache.",
+    "evicted_bytes": "Bytes of the model's weight files the RAM tier dropped from the page cache.",
+    "warm_errors": "Warming attempts that failed (unreadable file, mlock refused, ...).",
 }
 
 
