@@ -256,3 +256,24 @@ async def test_every_metric_in_the_dashboard_is_exported_by_warmpool(
     exprs = [e for _, e in panel_exprs(dashboard)] + [q for _, q in variable_queries(dashboard)]
     assert len(metric_names(exprs)) >= 15
     assert unknown_metrics(exprs, exported) == set()
+
+
+def readme_metric_names() -> set[str]:
+    """The metric names the README's metrics reference lists (first column of its table)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(warmpool_[a-z_]+)`", section, flags=re.M))
+
+
+async def test_readme_metrics_reference_matches_metrics(emulator: OllamaEmulator, tmp_path: Path) -> None:
+    weight_files(tmp_path / "models", ["alpha", "beta"])
+    async with running_warmpool(warmpool_config(emulator.url, tmp_path, ["alpha", "beta"])) as url:
+        async with aiohttp.ClientSession() as s:
+            await generate(s, url, "alpha")
+            await generate(s, url, "beta")
+            async with s.get(url + "/metrics") as r:
+                families = {f.name for f in text_string_to_metric_families(await r.text())}
+    # prometheus_client names a counter family without its _total; the README lists what a scrape shows.
+    documented = {n.removesuffix("_total") for n in readme_metric_names()}
+    exported = {n for n in families if n.startswith("warmpool_") and not n.startswith("warmpool_process_")}
+    assert documented == exported, {"undocumented": exported - documented, "not exported": documented - exported}
