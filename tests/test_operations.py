@@ -232,3 +232,51 @@ async def test_state_gauges_are_read_at_scrape_time(emu: OllamaEmulator) -> None
     assert 'warmpool_queue_depth{model="alpha",pool="ol"} 0.0' in text
     assert 'warmpool_backend_up{backend="ol",kind="ollama"} 1.0' in text
     assert "warmpool_process_resident_memory_bytes" in text
+
+
+@pytest.mark.parametrize("dialect", ["ollama", "openai"])
+async def test_loading_feedback_tells_a_streaming_client_what_it_waits_for(dialect: str) -> None:
+    import ollama
+    import openai
+
+    slow = OllamaEmulator([EmulatedModel("alpha", size=3_000_000_000)], load_seconds_per_gb=1.0)  # ~3 s load
+    await slow.start()
+    try:
+        async with running_warmpool(ollama_config(slow.url, loading_feedback=True)) as url:
+            if dialect == "ollama":
+                client = ollama.AsyncClient(host=url)
+                parts = [p async for p in await client.chat(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                                             stream=True)]
+                assert parts[-1].done and "".join(p.message.content for p in parts).strip()
+            else:
+                ai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x")
+                stream = await ai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                                          stream=True)
+                chunks = [c async for c in stream]
+                assert chunks[-1].choices[0].finish_reason == "stop"
+            # the raw stream carries the feedback before the first token
+            async with aiohttp.ClientSession() as s:
+                await request("POST", url + "/warmpool/models/alpha/unload")
+                path = "/api/chat" if dialect == "ollama" else "/v1/chat/completions"
+                body = {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "stream": True}
+                async with s.post(url + path, json=body) as r:
+                    first = await r.content.readline()
+        if dialect == "ollama":
+            status = json.loads(first)["warmpool"]["status"]
+        else:
+            status = first.decode()
+        assert "loading alpha" in status
+    finally:
+        await slow.stop()
+
+
+async def test_loading_feedback_is_off_by_default_and_per_request(emu: OllamaEmulator) -> None:
+    async with running_warmpool(ollama_config(emu.url)) as url, aiohttp.ClientSession() as s:
+        body = {"model": "alpha", "prompt": "x"}
+        async with s.post(url + "/api/generate", json=body) as r:
+            lines = [json.loads(x) async for x in r.content]
+        assert all("warmpool" not in x for x in lines)
+        await request("POST", url + "/warmpool/models/alpha/unload")
+        async with s.post(url + "/api/generate", json=body, headers={"X-Warmpool-Loading-Feedback": "1"}) as r:
+            lines = [json.loads(x) async for x in r.content]
+        assert lines[-1]["done"] is True

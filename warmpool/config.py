@@ -157,6 +157,7 @@ class Config:
     default_phase: str | None = None
     preload: tuple[str, ...] = ()
     ram_tier: RamTierConfig = field(default_factory=RamTierConfig)
+    loading_feedback: bool = False  # tell streaming clients what they wait for during a swap
     source: str = "<defaults>"  # where it came from: a path, or "<embedded default>"
 
     @property
@@ -724,7 +725,7 @@ _LLAMACPP = ("llamacpp",)
 
 _TOP: dict[str, Parser] = {
     "listen": _listen, "max_body_size": _nonzero(parse_size),
-    "default_phase": _nullable(_str), "preload": _name_list,
+    "default_phase": _nullable(_str), "preload": _name_list, "loading_feedback": _bool,
 }
 _SECTIONS: dict[str, tuple[type, dict[str, Parser]]] = {
     "log": (LogConfig, {"level": _choice("debug", "info", "warning", "error"),
@@ -896,6 +897,7 @@ def redacted(cfg: Config) -> dict[str, Any]:
         "phases": dict(cfg.phases),
         "default_phase": cfg.default_phase,
         "preload": list(cfg.preload),
+        "loading_feedback": cfg.loading_feedback,
     }
 
 

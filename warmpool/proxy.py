@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from warmpool import listings, relay, routing, translate, translate_native
+from warmpool import feedback, listings, relay, routing, translate, translate_native
 from warmpool.backends.ollama import ollama_keep_alive
 from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.backends.base import Backend
@@ -116,10 +116,58 @@ class Proxy:
         if ex.dialect == "ollama" and translate.is_ollama_preload(ex.request.path, ex.body):
             return await self._load_or_unload(ex)
         path, body, transform = self._upstream_request(ex, backend)
-        async with self.scheduler.lease(ex.model.name) as waited:
+        pool = self.scheduler.pool_of(ex.model.name)
+        if not pool.available(ex.model.name) and self._wants_feedback(ex):
+            return await self._inference_with_feedback(ex, backend, path, body, transform)
+        async with pool.lease(ex.model.name) as waited:
             ex.queue_wait = waited
             self._observe_queue(ex)
             return await self._forward(ex, backend, path, body, transform)
+
+    def _wants_feedback(self, ex: Exchange) -> bool:
+        return feedback.streams(ex.request.path, ex.body) and feedback.wanted(
+            ex.request.headers.get(feedback.HEADER), self.cfg.loading_feedback)
+
+    async def _inference_with_feedback(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
+                                       transform: Transform | None) -> web.StreamResponse:
+        """Open the stream now and tell the client what it waits for; then relay into that stream."""
+        assert ex.model is not None
+        pool = self.scheduler.pool_of(ex.model.name)
+        response = web.StreamResponse(headers={"Content-Type": feedback.content_type(ex.dialect)})
+        ex.tag(response)
+        await response.prepare(ex.request)
+        self._first_byte_observer(ex)()
+        try:
+            ex.queue_wait = await self._wait_with_feedback(ex, pool, response)
+        except WarmpoolError as error:
+            await relay.report_in_stream(response, error)
+            return response
+        try:
+            self._observe_queue(ex)
+            upstream = await backend.forward(ex.model, ex.request.method, path, ex.request.headers,
+                                             json.dumps(body).encode(), query=ex.request.query_string)
+            await relay.relay_into(response, upstream, backend.name, transform)
+        except WarmpoolError as error:
+            await relay.report_in_stream(response, error)
+        finally:
+            pool.release(ex.model.name)
+        return response
+
+    async def _wait_with_feedback(self, ex: Exchange, pool: Any, response: web.StreamResponse) -> float:
+        assert ex.model is not None
+        name = ex.model.name
+        waiting = asyncio.ensure_future(pool.acquire(name))
+        try:
+            while not (await asyncio.wait({waiting}, timeout=feedback.INTERVAL))[0]:
+                line = feedback.line(ex.request.path, name, pool.describe_wait(name), time.monotonic() - ex.started)
+                await response.write(line)
+            return waiting.result()
+        except BaseException:
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                pool.release(name)  # granted in the instant the client left: hand the lease back
+            else:
+                waiting.cancel()  # the client left: leave the queue, cause no load
+            raise
 
     async def _load_or_unload(self, ex: Exchange) -> web.StreamResponse:
         """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,

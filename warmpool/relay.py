@@ -126,3 +126,27 @@ def copy_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse)
     for name, value in upstream.headers.items():
         if name.lower() not in SKIP_RESPONSE_HEADERS:
             response.headers.add(name, value)
+
+
+async def relay_into(response: web.StreamResponse, upstream: aiohttp.ClientResponse, backend: str,
+                     transform: Transform | None) -> None:
+    """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
+    longer be passed on, so a failure ends the stream with an error in its shape."""
+    try:
+        if upstream.status >= 300:
+            raw = await _read_all(upstream, backend)
+            reason = f"answered HTTP {upstream.status}: {raw[:500].decode(errors='replace')}"
+            await _report_mid_stream(response, BackendError(backend, reason), "")
+        elif transform is None:
+            await _copy_chunks(upstream, response, backend, "")
+        else:
+            await _translate_chunks(upstream, response, backend, transform.streamer())
+        await response.write_eof()
+    finally:
+        upstream.close()
+
+
+async def report_in_stream(response: web.StreamResponse, error: WarmpoolError) -> None:
+    """End an already-open stream with `error` in its shape."""
+    await _report_mid_stream(response, error, "")
+    await response.write_eof()

@@ -61,6 +61,7 @@ class Pool:
         self.history: list[SwapRecord] = []
         self.swap_task: asyncio.Task[None] | None = None
         self.swap_target: str | None = None
+        self.swap_source: str | None = None  # the running swap's source tier, once measured
         self.closed = False
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -93,10 +94,24 @@ class Pool:
         if self.closed:
             raise ShuttingDown()
         state = self.models[model]
-        if not self.backend.managed or (state.status == "resident" and model not in self.draining):
+        if self.available(model):
             state.inflight += 1
             return 0.0
         return await self._wait_for(model)
+
+    def available(self, model: str) -> bool:
+        """Whether a lease on `model` would be granted without waiting."""
+        state = self.models[model]
+        return not self.backend.managed or (state.status == "resident" and model not in self.draining)
+
+    def describe_wait(self, model: str) -> str:
+        """What a request for `model` is waiting for, in words (for loading feedback)."""
+        if self.swap_target == model:
+            source = f" (from {'RAM' if self.swap_source == 'ram' else self.swap_source})" if self.swap_source else ""
+            return f"loading {model}{source}"
+        if self.swap_task is not None:
+            return f"waiting for a swap to {self.swap_target or 'free room'} before loading {model}"
+        return f"queued for {model}"
 
     def release(self, model: str) -> None:
         state = self.models[model]
@@ -200,6 +215,7 @@ class Pool:
     async def _swap(self, evict: list[str], load: str | None, reason: str) -> None:
         started, wall = self.clock(), time.time()
         source = await self._probe_source(load) if load else "unknown"
+        self.swap_source = source
         record = SwapRecord(load, list(evict), reason, wall, 0.0, None, source, ok=True)
         try:
             for name in evict:
@@ -266,7 +282,7 @@ class Pool:
         self.history = [*self.history[-(SWAP_HISTORY - 1):], record]
         if self.metrics and record.ok and record.model:
             self.metrics.swap_duration.labels(self.name, record.model, record.source).observe(record.seconds)
-        self.swap_task, self.swap_target = None, None
+        self.swap_task, self.swap_target, self.swap_source = None, None, None
         self.replan()
 
     # -- operator actions ---------------------------------------------------------------------------
