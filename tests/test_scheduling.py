@@ -65,8 +65,9 @@ def free_port() -> int:
 async def test_preload_loads_what_fits_in_order(emu: OllamaEmulator) -> None:
     cfg = {**config(emu.url, {"max_resident": 2}, a={}, b={}, big={}), "preload": ["b", "big", "a"]}
     async with running_warmpool(cfg) as url:
-        await eventually(lambda: emu.count("load_done") == 2)
-        assert sorted((await status(url))["resident"]) == ["b", "big"]
+        async def both_resident() -> bool:
+            return sorted((await status(url))["resident"]) == ["b", "big"]
+        await eventually(both_resident)
         assert emu.count("load_done", "a") == 0
 
 
