@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmpool.errors import BadRequest
+from warmpool.jsonfields import as_object as _object
+from warmpool.jsonfields import get as _get
+from warmpool.jsonfields import object_at as _object_at
 
 JSON = dict[str, Any]
 Request = tuple[str, JSON]
@@ -29,13 +32,6 @@ OLLAMA_TO_OPENAI_PATH: dict[str, str] = {
     "/api/embeddings": EMBEDDINGS_PATH,
 }
 
-_KINDS: dict[str, tuple[type, ...]] = {
-    "a string": (str,),
-    "a list": (list,),
-    "an object": (dict,),
-    "a boolean": (bool,),
-    "a number": (int, float),
-}
 _FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty",
                   "presence_penalty", "frequency_penalty")
 _INT_OPTIONS = ("top_k", "seed")
@@ -268,27 +264,13 @@ def _openai_tool_call(call: Any, where: str, ids: _ToolCallIds) -> JSON:
 # --- field checks
 
 
-def _get(body: JSON, key: str, kind: str, default: Any = None, where: str = "") -> Any:
-    """body[key] checked against `kind` (a _KINDS name); absent or null gives `default`."""
-    value = body.get(key)
-    if value is None:
-        return default
-    # bool is an int subclass in Python, but JSON true is never a number
-    if (isinstance(value, bool) and kind != "a boolean") or not isinstance(value, _KINDS[kind]):
-        raise BadRequest(f"{where}{key} must be {kind}")
-    return value
 
 
-def _object_at(obj: JSON, key: str) -> JSON:
-    """obj[key] when it is an object, else {}: for upstream payloads, which we read leniently."""
-    value = obj.get(key)
-    return value if isinstance(value, dict) else {}
 
 
-def _object(value: Any, where: str) -> JSON:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where} must be an object")
-    return value
+
+
+
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from warmpool.errors import BadRequest
+from warmpool.jsonfields import as_object as _object
+from warmpool.jsonfields import get as _get
+from warmpool.jsonfields import object_at as _object_at
 from warmpool.translate import ollama_error_to_openai
 
 JSON = dict[str, Any]
@@ -32,13 +35,6 @@ OPENAI_TO_OLLAMA_PATH: dict[str, str] = {
     "/v1/embeddings": EMBED_API,
 }
 
-_KINDS: dict[str, tuple[type, ...]] = {
-    "a string": (str,),
-    "a list": (list,),
-    "an object": (dict,),
-    "a boolean": (bool,),
-    "a number": (int, float),
-}
 _FLOAT_OPTIONS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 # Ollama's /v1 layer sends OpenAI's defaults, not the Modelfile's; keep the answers clients already get
 _OPENAI_DEFAULTS: JSON = {"temperature": 1.0, "top_p": 1.0}
@@ -341,27 +337,13 @@ def _tool_result(msg: JSON, where: str, names: dict[str, str]) -> JSON:
 # --- field checks
 
 
-def _get(body: JSON, key: str, kind: str, default: Any = None, where: str = "") -> Any:
-    """body[key] checked against `kind` (a _KINDS name); absent or null gives `default`."""
-    value = body.get(key)
-    if value is None:
-        return default
-    # bool is an int subclass in Python, but JSON true is never a number
-    if (isinstance(value, bool) and kind != "a boolean") or not isinstance(value, _KINDS[kind]):
-        raise BadRequest(f"{where}{key} must be {kind}")
-    return value
 
 
-def _object(value: Any, where: str) -> JSON:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{where} must be an object")
-    return value
 
 
-def _object_at(obj: JSON, key: str) -> JSON:
-    """obj[key] when it is an object, else {}: for optional objects and upstream payloads."""
-    value = obj.get(key)
-    return value if isinstance(value, dict) else {}
+
+
+
 
 
 # ---------------------------------------------------------------------------------------------------
