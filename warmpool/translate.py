@@ -261,18 +261,6 @@ def _openai_tool_call(call: Any, where: str, ids: _ToolCallIds) -> JSON:
             "function": {"name": name, "arguments": text}}
 
 
-# --- field checks
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Responses: OpenAI → Ollama
 

@@ -334,18 +334,6 @@ def _tool_result(msg: JSON, where: str, names: dict[str, str]) -> JSON:
     return (out | {"tool_name": name}) if name else out
 
 
-# --- field checks
-
-
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Responses: Ollama → OpenAI
 
