@@ -224,7 +224,7 @@ class Pool:
                 record.load_seconds = await self._load(load, reason, source)
         except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiters, never lost
             record.ok, record.error = False, str(exc)
-            self._swap_failed(load, exc)
+            self._swap_failed(load, exc, reason)
         finally:
             record.seconds = self.clock() - started
             self._finish_swap(record)
@@ -240,9 +240,14 @@ class Pool:
         started = self.clock()
         try:
             await self.backend.unload(self.backend.models[name])
+        except BaseException:
+            # Not confirmed gone (e.g. still in /api/ps): it still occupies the budget, so stay resident
+            # and load nothing beside it; the residency watcher corrects this if it did leave.
+            self.models[name].status = "resident"
+            raise
         finally:
-            self.models[name].status = "absent"
             self.unload_requested.discard(name)
+        self.models[name].status = "absent"
         seconds = self.clock() - started
         log.info("unloaded %s from %s in %.3f s (%s)", name, self.name, seconds, reason)
         if self.metrics:
@@ -264,7 +269,7 @@ class Pool:
             self.metrics.swaps.labels(self.name, name, reason, "ok").inc()
         return self.clock() - started
 
-    def _swap_failed(self, load: str | None, exc: Exception) -> None:
+    def _swap_failed(self, load: str | None, exc: Exception, reason: str) -> None:
         error = exc if isinstance(exc, WarmpoolError) else BackendError(self.name, f"swap failed: {exc}")
         log.warning("swap on %s to %s failed: %s", self.name, load, error.message)
         if load is None:
@@ -272,7 +277,7 @@ class Pool:
         self.models[load].status = "absent"
         self.unload_requested.discard(load)
         if self.metrics:
-            self.metrics.swaps.labels(self.name, load, "demand", "error").inc()
+            self.metrics.swaps.labels(self.name, load, reason, "error").inc()
         for waiter_id, (waiter, _) in list(self.waiters.items()):
             if waiter.model == load:
                 self._fail(waiter_id, error)
