@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"])
     check = sub.add_parser("check-config", help="validate a config and print it resolved, secrets redacted")
     check.add_argument("path", nargs="?", help="config file (default: the same discovery as serve)")
+    bench = sub.add_parser("bench", help="run an experiment on a configured model")
+    experiments = bench.add_subparsers(dest="experiment", required=True)
+    pressure = experiments.add_parser(
+        "pressure", help="start a managed llama.cpp model with 0%%, 50%% and 100%% of its GGUF evicted from "
+                         "the page cache; print load to first token, tokens/s, major faults, bytes read")
+    pressure.add_argument("model", help="a configured model on a llamacpp backend")
+    pressure.add_argument("--config", help="config file (else the same discovery as serve)")
+    pressure.add_argument("--tokens", type=int, default=32, help="tokens generated for tokens/s (default 32)")
+    pressure.add_argument("--fractions", type=fractions, default=(0.0, 0.5, 1.0),
+                          help="shares of the file to evict, from its start (default 0,0.5,1; 50%% works too)")
     for name, text in ADMIN_COMMANDS.items():
         cmd = sub.add_parser(name, help=text)
         if name not in ("status", "models"):
@@ -58,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.path)
+        if args.command == "bench":
+            return bench_pressure(args)
         if args.command in ADMIN_COMMANDS:
             return admin_command(args)
         return serve(args)
@@ -94,6 +106,28 @@ def admin_command(args: argparse.Namespace) -> int:
         return 0
     data = call("POST", url, args.admin_key)
     print(json.dumps(data, indent=2) if args.json else render_action(args.command, data))
+    return 0
+
+
+def fractions(text: str) -> tuple[float, ...]:
+    from warmpool.pressure import parse_fractions  # lazily: it imports aiohttp and the llama.cpp backend
+
+    return parse_fractions(text)
+
+
+def bench_pressure(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from warmpool.pressure import PressureSetupError, render, run_pressure, select_model
+
+    cfg = resolve_config(args.config)
+    try:
+        model, backend = select_model(cfg, args.model)
+    except PressureSetupError as error:
+        print(f"warmpool: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    rows = asyncio.run(run_pressure(model, backend, fractions=args.fractions, tokens=args.tokens))
+    print(render(rows))
     return 0
 
 
