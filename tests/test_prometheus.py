@@ -167,6 +167,24 @@ async def scraped_total(session: aiohttp.ClientSession, url: str, name: str) -> 
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
+SWAP_LATENCY_BY_SOURCE = ("histogram_quantile(0.95, sum by (le, source) "
+                          "(rate(warmpool_swap_duration_seconds_bucket[1m])))")
+
+
+async def screenshot_graph(prom: str, expr: str, profile: Path) -> None:
+    from urllib.parse import quote
+
+    from tests.test_status_page import CHROMIUM, SCREENSHOT_DIR, chromium
+
+    if CHROMIUM is None:
+        return
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOT_DIR / "prometheus-swap-latency.png"
+    await chromium(f"--screenshot={shot}", f"{prom}/graph?g0.expr={quote(expr)}&g0.tab=0&g0.range_input=1m",
+                   profile=profile)
+    assert shot.exists()
+
+
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
     binary = prometheus_binary()
     dashboard = load_dashboard()
@@ -229,5 +247,9 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                 # 3. The model variable's label_values(warmpool_model_resident, model).
                 models = await api(s, prom, "label/model/values", **{"match[]": "warmpool_model_resident"})
                 assert sorted(models) == MODELS
+
+                # 4. For people: the swap-latency panel's query graphed by Prometheus itself (no Grafana
+                # can be installed here), kept next to the status page's screenshot.
+                await screenshot_graph(prom, SWAP_LATENCY_BY_SOURCE, tmp_path / "chromium")
     finally:
         await emu.stop()
