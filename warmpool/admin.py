@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from warmpool import auth
 from warmpool.backends.base import Backend
 from warmpool.config import Config
 from warmpool.errors import BackendError, WarmpoolError
@@ -90,11 +90,7 @@ def known_model(request: web.Request, cfg: Config) -> str:
 
 
 def require_admin(request: web.Request, keys: list[bytes]) -> None:
-    if not keys:
-        return
-    auth = request.headers.get("Authorization", "")
-    presented = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
-    if not any(hmac.compare_digest(presented, k) for k in keys):
+    if not auth.accepted(auth.bearer(request.headers), keys):
         raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
                                    headers={"WWW-Authenticate": "Bearer"})
 

@@ -8,7 +8,6 @@ model on an OpenAI-speaking backend (managed llama.cpp, openai) is translated on
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from warmpool import feedback, listings, relay, routing, translate, translate_native
+from warmpool import auth, feedback, listings, relay, routing, translate, translate_native
 from warmpool.backends.ollama import ollama_keep_alive
 from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.backends.base import Backend
@@ -244,17 +243,8 @@ def is_zero_duration(value: Any) -> bool:
 
 def check_api_key(request: web.Request, keys: list[bytes]) -> None:
     """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
-    if not keys:
-        return
-    if not any(hmac.compare_digest(presented_key(request), k) for k in keys):
+    if not auth.accepted(auth.bearer(request.headers, x_api_key=True), keys):
         raise Unauthorized("missing or invalid API key")
-
-
-def presented_key(request: web.Request) -> bytes:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip().encode()
-    return request.headers.get("x-api-key", "").encode()
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
