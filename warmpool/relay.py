@@ -1,14 +1,13 @@
 """Relaying an upstream response to the client: status, headers and body chunk by chunk, unbuffered,
 optionally translated (OpenAI → Ollama). A failure after the headers went out is reported inside the
-stream in the client's dialect, since the status can no longer change.
+stream in the client's dialect, since the status can no longer change. A body whose first read is the
+whole of it (a typical non-streamed answer) goes out with its headers in a single write.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +39,11 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend:
 
 async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, dialect: str,
                         tag: Tagger, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+    first = b""
+    if upstream.content_length is not None:
+        first = await _first_chunk(upstream, backend)
+        if len(first) == upstream.content_length:
+            return await _send_whole(request, upstream, first, tag, on_first_byte)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     copy_headers(upstream, response)
     if upstream.content_length is not None:
@@ -47,8 +51,34 @@ async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, 
     tag(response)
     await response.prepare(request)
     on_first_byte()
+    if first:
+        await response.write(first)
     await _copy_chunks(upstream, response, backend, dialect)
     await response.write_eof()
+    return response
+
+
+async def _first_chunk(upstream: aiohttp.ClientResponse, backend: str) -> bytes:
+    """What the upstream has sent of its body so far (at least one byte, unless the body is empty). No
+    byte has gone to the client yet, so a failure here is still an ordinary error response."""
+    try:
+        return await upstream.content.readany()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise upstream_failure(backend, exc) from exc
+
+
+async def _send_whole(request: web.Request, upstream: aiohttp.ClientResponse, body: bytes, tag: Tagger,
+                      on_first_byte: Callable[[], None]) -> web.Response:
+    """A body that is already all here (the usual non-streamed answer) goes out in one write with its
+    headers; a StreamResponse sends its headers on their own, one more syscall and one more wake-up of
+    the client per request. Nothing is held back: this is only what one read returned. Sent here rather
+    than by aiohttp after the handler returns, which comes later (after the accounting, a task switch)."""
+    response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
+    copy_headers(upstream, response)
+    tag(response)
+    await response.prepare(request)
+    await response.write_eof()
+    on_first_byte()
     return response
 
 
