@@ -7,6 +7,7 @@ base units, `_total` on counters); label values are bounded (configured model, p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,6 +26,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "warmpool_requests", "Proxied requests by model, phase, dialect and HTTP status.",
             ["model", "phase", "dialect", "status"], registry=registry)
@@ -62,6 +64,16 @@ class Metrics:
             "warmpool_models_lost", "Models that left a backend without warmpool unloading them.",
             ["pool", "model"], registry=registry)
         ProcessCollector(namespace="warmpool", registry=registry)  # warmpool_process_resident_memory_bytes, ...
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: `.labels()` takes a lock and checks its values on every
+        call, which the data path would pay several times per request. Label values are bounded (configured
+        names, statuses), so is this cache."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def add_state(self, sources: list[GaugeSource]) -> None:
         """Register gauges read at scrape time from live state."""

@@ -41,6 +41,7 @@ class Exchange:
     dialect: str
     started: float
     body: dict[str, Any] = field(default_factory=dict)
+    raw: bytes = b""  # the body as the client sent it
     model: ModelConfig | None = None
     phase: str | None = None
     queue_wait: float = 0.0
@@ -90,7 +91,8 @@ class Proxy:
         check_api_key(ex.request, self.api_keys)
         if path in routing.LISTINGS or routing.is_model_entry(path):
             return await listings.answer(path, ex.request, self.cfg, self.backends, self.scheduler)
-        ex.body = parse_json(await read_body(ex.request, self.cfg.max_body_size))
+        ex.raw = await read_body(ex.request, self.cfg.max_body_size)
+        ex.body = parse_json(ex.raw)
         choice = routing.choose_model(
             self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
@@ -200,7 +202,7 @@ class Proxy:
                        transform: Transform | None) -> web.StreamResponse:
         assert ex.model is not None
         upstream = await backend.forward(
-            ex.model, ex.request.method, path, ex.request.headers, json.dumps(body).encode(),
+            ex.model, ex.request.method, path, ex.request.headers, serialized(body, ex),
             query=ex.request.query_string)
         return await relay.relay(ex.request, upstream, backend.name, ex.dialect, ex.tag, transform,
                                  on_first_byte=self._first_byte_observer(ex))
@@ -208,19 +210,24 @@ class Proxy:
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
         def observe() -> None:
             if self.metrics and ex.model is not None:
-                self.metrics.first_byte.labels(ex.model.name).observe(time.monotonic() - ex.started)
+                first_byte = self.metrics.child(self.metrics.first_byte, ex.model.name)
+                first_byte.observe(time.monotonic() - ex.started)
         return observe
 
     def _observe_queue(self, ex: Exchange) -> None:
         if self.metrics and ex.model is not None:
-            self.metrics.queue_wait.labels(ex.model.backend, ex.model.name).observe(ex.queue_wait)
+            waited = self.metrics.child(self.metrics.queue_wait, ex.model.backend, ex.model.name)
+            waited.observe(ex.queue_wait)
 
     def _account(self, ex: Exchange, response: web.StreamResponse) -> None:
         seconds = time.monotonic() - ex.started
         model = ex.model.name if ex.model else ""
         if self.metrics and ex.model is not None:
-            self.metrics.requests.labels(model, ex.phase or "", ex.dialect, str(response.status)).inc()
-            self.metrics.request_duration.labels(model).observe(seconds)
+            status = str(response.status)
+            self.metrics.child(self.metrics.requests, model, ex.phase or "", ex.dialect, status).inc()
+            self.metrics.child(self.metrics.request_duration, model).observe(seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return  # the line's arguments (two round()s, a dict) are not free
         log.info("%s %s %s model=%s phase=%s wait=%.3fs %.3fs", ex.request.method, ex.request.path,
                  response.status, model or "-", ex.phase or "-", ex.queue_wait, seconds,
                  extra={"model": model, "phase": ex.phase, "status": response.status,
@@ -266,6 +273,15 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data
+
+
+def serialized(body: dict[str, Any], ex: Exchange) -> bytes:
+    """The upstream body: the client's own bytes when nothing in it changed (the model already had its
+    upstream name), else re-serialised. Only plain UTF-8 goes as it is (no BOM, no UTF-16/32)."""
+    raw = ex.raw
+    if body == ex.body and raw[:1] not in (b"\xef", b"\xfe", b"\xff") and b"\x00" not in raw[:4]:
+        return raw
+    return json.dumps(body).encode()
 
 
 def error_response(error: WarmpoolError, dialect: str) -> web.Response:

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,23 @@ class SwapRecord:
     source: str
     ok: bool
     error: str | None = None
+
+
+class Lease:
+    """`async with pool.lease(model) as waited:` - a class rather than an asynccontextmanager, because
+    every proxied request takes one (the generator-based form costs several times more)."""
+
+    __slots__ = ("pool", "model")
+
+    def __init__(self, pool: Pool, model: str) -> None:
+        self.pool = pool
+        self.model = model
+
+    async def __aenter__(self) -> float:
+        return await self.pool.acquire(self.model)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.pool.release(self.model)
 
 
 class Pool:
@@ -81,14 +98,9 @@ class Pool:
 
     # -- leases -------------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[float]:
+    def lease(self, model: str) -> Lease:
         """Hold `model` resident for the body of the `async with`; yields the seconds spent waiting."""
-        waited = await self.acquire(model)
-        try:
-            yield waited
-        finally:
-            self.release(model)
+        return Lease(self, model)
 
     async def acquire(self, model: str) -> float:
         if self.closed:
@@ -118,7 +130,8 @@ class Pool:
         state.inflight -= 1
         state.last_used = self.clock()
         self.on_use(model)
-        if self.backend.managed:
+        # While the model stays busy and nobody waits, a new plan would decide what the last one did.
+        if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()
 
     async def _wait_for(self, model: str) -> float:
@@ -395,7 +408,7 @@ class Scheduler:
     def pool_of(self, model: str) -> Pool:
         return self.pools[self.cfg.models[model].backend]
 
-    def lease(self, model: str) -> contextlib.AbstractAsyncContextManager[float]:
+    def lease(self, model: str) -> Lease:
         return self.pool_of(model).lease(model)
 
     async def close(self) -> None:

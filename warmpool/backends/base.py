@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
 
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BackendTimeout
+
+T = TypeVar("T")
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the client stack recomputes: never forwarded.
 HOP_BY_HOP = frozenset({
@@ -138,8 +140,11 @@ def make_session(cfg: Config) -> aiohttp.ClientSession:
     bounds silence between chunks; no decompression so bytes pass through untouched."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeouts.connect, sock_read=cfg.timeouts.idle)
     connector = aiohttp.TCPConnector(limit=0, family=socket.AF_UNSPEC, ttl_dns_cache=300)
+    # A reverse proxy passes redirects and cookies to its client; it never follows or keeps them itself
+    # (one shared jar would leak one client's cookies to the next).
     return aiohttp.ClientSession(
-        timeout=timeout, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        timeout=timeout, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 
@@ -149,8 +154,8 @@ async def send(
 ) -> aiohttp.ClientResponse:
     """Issue one upstream request, translating transport failures into BackendError with the reason."""
     try:
-        async with asyncio.timeout(first_byte):
-            return await session.request(method, url, headers=headers, data=body)
+        return await within(first_byte, session.request(method, url, headers=headers, data=body,
+                                                                   allow_redirects=False))
     except TimeoutError as exc:
         raise BackendTimeout(backend, f"no response within {first_byte:g} s ({method} {url})") from exc
     except aiohttp.ClientConnectorError as exc:
@@ -159,6 +164,30 @@ async def send(
         raise BackendError(backend, f"connection dropped ({method} {url}): {exc}") from exc
     except aiohttp.ClientError as exc:
         raise BackendError(backend, f"{type(exc).__name__} ({method} {url}): {exc}") from exc
+
+
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """`async with asyncio.timeout(seconds): return await awaitable` for the one await every proxied
+    request makes: a bare timer instead of asyncio's Timeout state machine, at a third of its cost."""
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = task.cancelling()
+    fired = False
+
+    def fire() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, fire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if fired and task.uncancel() <= cancelling:
+            raise TimeoutError from None  # our own cancellation, not the caller's
+        raise
+    finally:
+        timer.cancel()
 
 
 async def read_json(resp: aiohttp.ClientResponse, backend: str) -> Any:
