@@ -1,0 +1,513 @@
+"""What warmpool costs on the data path: direct to a fast upstream versus through warmpool.
+
+Three processes on loopback: a fake OpenAI/Ollama upstream (aiohttp + uvloop, answers at once), warmpool
+itself (`python -m warmpool serve`, log level warning) and this client (aiohttp, keep-alive, uvloop).
+Two warmpool routes to the same upstream are measured:
+
+- `openai`: an openai-kind backend, forward only (no scheduling);
+- `ollama`: an ollama-kind backend whose model the fake lists in /api/ps, so every request takes the
+  scheduler's lease fast path (acquire, release, re-plan).
+
+Measured, in rounds that interleave direct and proxied runs (the machine is shared, so medians over the
+rounds are reported): requests per second and latency p50/p99 of small non-streamed chat completions at
+concurrency 1 and 16, warmpool's CPU time per request at concurrency 16 (from /proc; steadier than
+throughput on a busy machine), and the delay of each streamed SSE chunk from the moment the upstream
+sent it (every chunk carries its send time, `time.time_ns()`). "added" is proxied minus direct, paired
+within each round.
+
+    /work/venv/bin/python benchmarks/overhead.py [--quick] [--rounds N] [--only openai|ollama] [--json]
+    /work/venv/bin/python benchmarks/overhead.py --source /path/to/other/checkout   # compare a change
+    /work/venv/bin/python benchmarks/overhead.py --upstream   # just the fake upstream, for profiling
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT = "/v1/chat/completions"
+ROUTES = {"openai": "fwd-model", "ollama": "pool-model"}  # route -> model name in warmpool's config
+UPSTREAM_MODEL = "bench:latest"
+TARGETS = {"added_p50_c1_ms": 0.5, "chunk_added_ms": 0.5, "rps_ratio_c16": 0.5}
+START_TIMEOUT = 30.0
+CHUNKS = 20  # per stream
+GAP = 0.005  # seconds between two streamed chunks
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How much to measure; the defaults keep a full run under about two minutes on two cores."""
+
+    rounds: int = 5
+    requests_c1: int = 1500
+    requests_c16: int = 3000
+    warmup: int = 200
+    streams: int = 15
+    chunks: int = CHUNKS
+    gap: float = GAP
+
+
+QUICK = Settings(rounds=2, requests_c1=500, requests_c16=1000, warmup=100, streams=5)
+
+
+# -- the fake upstream (its own process) ---------------------------------------------------------------------
+
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": UPSTREAM_MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+}).encode()
+PS = json.dumps({"models": [{
+    "name": UPSTREAM_MODEL, "model": UPSTREAM_MODEL, "size": 1000, "digest": "0" * 64,
+    "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0, "context_length": 2048, "details": {},
+}]}).encode()
+
+
+def sse_chunk(index: int) -> bytes:
+    """One OpenAI stream event; `ts` is first so a reader finds it without parsing the rest."""
+    return b'data: {"ts":%d,"id":"chatcmpl-bench","object":"chat.completion.chunk","choices":' \
+           b'[{"index":0,"delta":{"content":"tok%d"},"finish_reason":null}]}\n\n' % (time.time_ns(), index)
+
+
+def fake_upstream(chunks: int, gap: float) -> web.Application:
+    """An OpenAI + Ollama server that answers at once: completions, SSE streams with send times, and
+    the Ollama calls warmpool's ollama backend makes (version, ps, load)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        if not body.get("stream"):
+            return web.Response(body=COMPLETION, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(chunks):
+            await response.write(sse_chunk(index))
+            await asyncio.sleep(gap)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def constant(body: bytes) -> Callable[[web.Request], object]:
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(body=body, content_type="application/json")
+        return answer
+
+    app = web.Application()
+    app.router.add_post(CHAT, chat)
+    app.router.add_get("/v1/models", constant(b'{"object":"list","data":[{"id":"bench:latest"}]}'))
+    app.router.add_get("/api/version", constant(b'{"version":"0.6.0"}'))
+    app.router.add_get("/api/ps", constant(PS))
+    app.router.add_post("/api/generate", constant(b'{"model":"bench:latest","response":"","done":true}'))
+    return app
+
+
+async def serve_upstream(settings: Settings) -> None:
+    """Serve on an ephemeral port, print the URL, and stop when stdin closes (the parent went away)."""
+    app = fake_upstream(settings.chunks, settings.gap)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    print(f"listening on http://{host}:{port}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await runner.cleanup()
+
+
+# -- child processes -----------------------------------------------------------------------------------------
+
+class Child:
+    """A child process that is stopped (SIGTERM, then SIGKILL) when the benchmark ends, however it ends."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                 cwd: Path = REPO) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.output: list[str] = []
+        self.url = ""
+
+    def first_line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        self.drain()
+        return line
+
+    def drain(self) -> None:
+        """Keep reading the child's output in the background so it never blocks on a full pipe."""
+        for stream in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=self._collect, args=(stream,), daemon=True).start()
+
+    def _collect(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.output.append(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+
+
+@contextmanager
+def children() -> Iterator[list[Child]]:
+    started: list[Child] = []
+    try:
+        yield started
+    finally:
+        for child in reversed(started):
+            child.stop()
+
+
+def start_upstream(started: list[Child], settings: Settings) -> str:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--upstream", "--chunks", str(settings.chunks),
+            "--gap", str(settings.gap)]
+    child = Child("upstream", argv)
+    started.append(child)
+    line = child.first_line()
+    if not line.startswith("listening on "):
+        child.stop()
+        raise RuntimeError(f"fake upstream did not start: {line!r} {''.join(child.output)}")
+    return line.removeprefix("listening on ")
+
+
+def warmpool_config(upstream: str, port: int) -> dict[str, object]:
+    return {
+        "listen": f"127.0.0.1:{port}",
+        "log": {"level": "warning"},
+        "backends": {"fwd": {"kind": "openai", "url": upstream},
+                     "pool": {"kind": "ollama", "url": upstream, "max_resident": 1}},
+        "models": {"fwd-model": {"backend": "fwd", "upstream_name": UPSTREAM_MODEL},
+                   "pool-model": {"backend": "pool", "upstream_name": UPSTREAM_MODEL}},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_warmpool(started: list[Child], upstream: str, workdir: Path, source: Path = REPO) -> Child:
+    """`python -m warmpool serve` from `source` on a free port (at log level warning it does not print its
+    address, so the port is chosen here)."""
+    port = free_port()
+    path = workdir / "warmpool.yaml"
+    path.write_text(yaml.safe_dump(warmpool_config(upstream, port)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARMPOOL_")}
+    env["PYTHONPATH"] = str(source)
+    argv = [sys.executable, "-m", "warmpool", "serve", "--config", str(path)]
+    child = Child("warmpool", argv, env, cwd=source)
+    child.url = f"http://127.0.0.1:{port}"
+    started.append(child)
+    child.drain()
+    asyncio.run(wait_resident(child.url, child))
+    return child
+
+
+async def wait_resident(url: str, child: Child) -> None:
+    """Until warmpool answers and the ollama pool's model is resident (read from the fake's /api/ps)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if child.proc.poll() is not None:
+                raise RuntimeError("warmpool exited:\n" + "".join(child.output[-30:]))
+            try:
+                async with session.get(url + "/warmpool/status") as resp:
+                    status = await resp.json()
+                if any(ROUTES["ollama"] in p["resident"] for p in status["pools"]):
+                    return
+            except (aiohttp.ClientError, ValueError, KeyError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("warmpool did not get ready:\n" + "".join(child.output[-30:]))
+
+
+# -- the client ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Run:
+    """One timed batch of requests: per-request latencies (seconds) and the wall time of the batch."""
+
+    latencies: list[float]
+    seconds: float
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+def request_body(model: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "stream": stream, "max_tokens": 8,
+                       "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+
+
+async def timed_requests(session: aiohttp.ClientSession, url: str, body: bytes, total: int,
+                         concurrency: int) -> Run:
+    """`total` requests from `concurrency` workers over keep-alive connections."""
+    latencies: list[float] = []
+    remaining = [total]
+    headers = {"Content-Type": "application/json"}
+
+    async def worker() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"{url} answered {resp.status}")
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Run(latencies, time.perf_counter() - started)
+
+
+async def chunk_delays(session: aiohttp.ClientSession, url: str, body: bytes, streams: int) -> list[float]:
+    """Seconds from each chunk's send time (the upstream's clock is ours) to its arrival here, one stream
+    at a time."""
+    delays: list[float] = []
+    for _ in range(streams):
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            async for line in resp.content:
+                arrived = time.time_ns()
+                if line.startswith(b'data: {"ts":'):
+                    sent = int(line[12:line.index(b",", 12)])
+                    delays.append((arrived - sent) / 1e9)
+    return delays
+
+
+# -- rounds and statistics -----------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+@dataclass(slots=True)
+class Samples:
+    """Per-round figures of one target (direct, or a warmpool route), keyed by measurement name."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, value: float) -> None:
+        self.values.setdefault(key, []).append(value)
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.values[key])
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time a process has used so far (0 where /proc is not available)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_target(url: str, model: str, settings: Settings, into: Samples, pid: int | None) -> None:
+    """One round for one target: c=1, c=16, then streams; figures in milliseconds and requests/s, and the
+    proxy's CPU time per request at c=16 (`pid`: the proxy's process, None for direct)."""
+    plain, streamed = request_body(model, False), request_body(model, True)
+    for concurrency, total in ((1, settings.requests_c1), (16, settings.requests_c16)):
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await timed_requests(session, url + CHAT, plain, settings.warmup, concurrency)
+            cpu_before = cpu_seconds(pid)
+            run = await timed_requests(session, url + CHAT, plain, total, concurrency)
+            cpu_used = cpu_seconds(pid) - cpu_before
+        into.add(f"rps_c{concurrency}", run.rps)
+        into.add(f"p50_c{concurrency}", percentile(run.latencies, 50) * 1e3)
+        into.add(f"p99_c{concurrency}", percentile(run.latencies, 99) * 1e3)
+        if pid is not None and concurrency == 16:
+            into.add("cpu_us_c16", cpu_used / total * 1e6)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        await chunk_delays(session, url + CHAT, streamed, 1)
+        delays = await chunk_delays(session, url + CHAT, streamed, settings.streams)
+    into.add("chunk_p50", percentile(delays, 50) * 1e3)
+    into.add("chunk_p99", percentile(delays, 99) * 1e3)
+
+
+async def measure(direct: str, proxy: Child, routes: list[str], settings: Settings,
+                  progress: Callable[[str], None]) -> dict[str, Samples]:
+    """Interleaved rounds: direct, then each route, `settings.rounds` times."""
+    results = {name: Samples() for name in ["direct", *routes]}
+    for index in range(settings.rounds):
+        await measure_target(direct, ROUTES["openai"], settings, results["direct"], None)
+        for route in routes:
+            await measure_target(proxy.url, ROUTES[route], settings, results[route], proxy.proc.pid)
+        progress(f"round {index + 1}/{settings.rounds} done")
+    for route in routes:
+        add_differences(results["direct"], results[route])
+    return results
+
+
+def add_differences(direct: Samples, proxied: Samples) -> None:
+    """Per-round proxied-minus-direct figures (pairing rounds cancels slow drifts of the machine)."""
+    for key in ("p50_c1", "p99_c1", "p50_c16", "p99_c16", "chunk_p50", "chunk_p99"):
+        for ours, theirs in zip(proxied.values[key], direct.values[key], strict=True):
+            proxied.add(f"added_{key}", ours - theirs)
+    for ours, theirs in zip(proxied.values["rps_c16"], direct.values["rps_c16"], strict=True):
+        proxied.add("ratio_c16", ours / theirs)
+    for ours, theirs in zip(proxied.values["rps_c1"], direct.values["rps_c1"], strict=True):
+        proxied.add("ratio_c1", ours / theirs)
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+ROWS = [
+    ("c=1   requests/s", "rps_c1", "{:.0f}"),
+    ("c=1   ratio to direct", "ratio_c1", "{:.2f}x"),
+    ("c=1   latency p50 (ms)", "p50_c1", "{:.3f}"),
+    ("c=1   latency p99 (ms)", "p99_c1", "{:.3f}"),
+    ("c=1   added p50 (ms)", "added_p50_c1", "{:+.3f}"),
+    ("c=1   added p99 (ms)", "added_p99_c1", "{:+.3f}"),
+    ("c=16  requests/s", "rps_c16", "{:.0f}"),
+    ("c=16  ratio to direct", "ratio_c16", "{:.2f}x"),
+    ("c=16  latency p50 (ms)", "p50_c16", "{:.3f}"),
+    ("c=16  latency p99 (ms)", "p99_c16", "{:.3f}"),
+    ("c=16  added p50 (ms)", "added_p50_c16", "{:+.3f}"),
+    ("c=16  added p99 (ms)", "added_p99_c16", "{:+.3f}"),
+    ("c=16  proxy CPU/request (us)", "cpu_us_c16", "{:.0f}"),
+    ("chunk delay p50 (ms)", "chunk_p50", "{:.3f}"),
+    ("chunk delay p99 (ms)", "chunk_p99", "{:.3f}"),
+    ("chunk added p50 (ms)", "added_chunk_p50", "{:+.3f}"),
+    ("chunk added p99 (ms)", "added_chunk_p99", "{:+.3f}"),
+]
+HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama"}
+
+
+def table(results: dict[str, Samples]) -> str:
+    names = list(results)
+    lines = [f"{'median of rounds':<26}" + "".join(f"{HEADINGS[n]:>14}" for n in names)]
+    for label, key, fmt in ROWS:
+        cells = [fmt.format(r.median(key)) if key in r.values else "-" for r in results.values()]
+        lines.append(f"{label:<26}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
+
+
+def verdicts(results: dict[str, Samples]) -> list[str]:
+    lines = []
+    for route in (r for r in results if r != "direct"):
+        s = results[route]
+        checks = [
+            ("added p50 latency at c=1", s.median("added_p50_c1"), TARGETS["added_p50_c1_ms"], "ms", True),
+            ("streamed chunk added delay p50", s.median("added_chunk_p50"), TARGETS["chunk_added_ms"], "ms",
+             True),
+            ("throughput at c=16, ratio to direct", s.median("ratio_c16"), TARGETS["rps_ratio_c16"], "x",
+             False),
+        ]
+        for name, value, target, unit, at_most in checks:
+            met = value <= target if at_most else value >= target
+            bound = "<=" if at_most else ">="
+            lines.append(f"{HEADINGS[route]:<11} {name:<38} {'met' if met else 'NOT MET':<8}"
+                         f"{value:.3f} {unit} (target {bound} {target:g} {unit})")
+    return lines
+
+
+# -- entry point ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and requests (about 20 s)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5, quick 2)")
+    parser.add_argument("--only", choices=sorted(ROUTES), help="measure one warmpool route only")
+    parser.add_argument("--source", type=Path, default=REPO,
+                        help="run warmpool from this checkout, e.g. to compare a change (default: this one)")
+    parser.add_argument("--json", action="store_true", help="also print every per-round figure as JSON")
+    parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--chunks", type=int, default=CHUNKS, help=argparse.SUPPRESS)
+    parser.add_argument("--gap", type=float, default=GAP, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    base = QUICK if args.quick else Settings()
+    rounds = args.rounds if args.rounds is not None else base.rounds
+    return Settings(rounds=max(1, rounds), requests_c1=base.requests_c1, requests_c16=base.requests_c16,
+                    warmup=base.warmup, streams=base.streams, chunks=args.chunks, gap=args.gap)
+
+
+def event_loop_runner() -> Callable[..., object]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def raise_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool) -> int:
+    def progress(text: str) -> None:
+        print(f"  {text} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+
+    began = time.monotonic()
+    with children() as started, tempfile.TemporaryDirectory(prefix="warmpool-bench-") as workdir:
+        upstream = start_upstream(started, settings)
+        proxy = start_warmpool(started, upstream, Path(workdir), source)
+        progress(f"upstream {upstream}, warmpool {proxy.url} from {source}; {settings.rounds} rounds")
+        run = event_loop_runner()
+        results = run(measure(upstream, proxy, routes, settings, progress))
+    print(f"\nwarmpool overhead, {os.cpu_count()} CPUs, {settings.rounds} rounds, "
+          f"c=1: {settings.requests_c1} "
+          f"requests, c=16: {settings.requests_c16}, streams: {settings.streams} x {settings.chunks} chunks "
+          f"{settings.gap * 1e3:g} ms apart\n")
+    print(table(results))
+    print()
+    print("\n".join(verdicts(results)))
+    if as_json:
+        print(json.dumps({name: s.values for name, s in results.items()}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    if args.upstream:
+        event_loop_runner()(serve_upstream(settings))
+        return 0
+    raise_on_sigterm()
+    routes = [args.only] if args.only else list(ROUTES)
+    try:
+        return benchmark(settings, routes, args.source.resolve(), args.json)
+    except KeyboardInterrupt:
+        print("interrupted; child processes stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
