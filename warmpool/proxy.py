@@ -204,7 +204,7 @@ class Proxy:
         upstream = await backend.forward(
             ex.model, ex.request.method, path, ex.request.headers, serialized(body, ex),
             query=ex.request.query_string)
-        return await relay.relay(ex.request, upstream, backend.name, ex.dialect, ex.tag, transform,
+        return await relay.relay(ex.request, upstream, backend.name, ex.tag, transform,
                                  on_first_byte=self._first_byte_observer(ex))
 
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:

@@ -25,20 +25,20 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 Tagger = Callable[[web.StreamResponse], None]
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, dialect: str,
-                tag: Tagger, transform: Transform | None, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
+                transform: Transform | None, on_first_byte: Callable[[], None]) -> web.StreamResponse:
     """Copy `upstream` to the client; always releases the upstream connection (closing it early cancels the
     upstream's work when the client went away)."""
     try:
         if transform is None:
-            return await _pass_through(request, upstream, backend, dialect, tag, on_first_byte)
+            return await _pass_through(request, upstream, backend, tag, on_first_byte)
         return await _translated(request, upstream, backend, tag, transform, on_first_byte)
     finally:
         upstream.close()
 
 
-async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, dialect: str,
-                        tag: Tagger, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
+                        on_first_byte: Callable[[], None]) -> web.StreamResponse:
     first = b""
     if upstream.content_length is not None:
         first = await _first_chunk(upstream, backend)
@@ -53,7 +53,7 @@ async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, 
     on_first_byte()
     if first:
         await response.write(first)
-    await _copy_chunks(upstream, response, backend, dialect)
+    await _copy_chunks(upstream, response, backend)
     await response.write_eof()
     return response
 
@@ -82,13 +82,12 @@ async def _send_whole(request: web.Request, upstream: aiohttp.ClientResponse, bo
     return response
 
 
-async def _copy_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str,
-                       dialect: str) -> None:
+async def _copy_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str) -> None:
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        await _report_mid_stream(response, upstream_failure(backend, exc), dialect)
+        await _report_mid_stream(response, upstream_failure(backend, exc))
 
 
 async def _translated(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
@@ -118,7 +117,7 @@ async def _translate_chunks(upstream: aiohttp.ClientResponse, response: web.Stre
         for line in streamer.finish():
             await response.write(line)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        await _report_mid_stream(response, upstream_failure(backend, exc), "ollama")
+        await _report_mid_stream(response, upstream_failure(backend, exc))
 
 
 def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
@@ -141,7 +140,7 @@ def upstream_failure(backend: str, exc: BaseException) -> BackendError:
     return BackendError(backend, f"upstream dropped the connection mid-response: {exc}")
 
 
-async def _report_mid_stream(response: web.StreamResponse, error: WarmpoolError, dialect: str) -> None:
+async def _report_mid_stream(response: web.StreamResponse, error: WarmpoolError) -> None:
     """The status is already sent: end the stream with an error in the dialect's streaming shape
     (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event)."""
     if response.content_type not in STREAM_TYPES:
@@ -166,9 +165,9 @@ async def relay_into(response: web.StreamResponse, upstream: aiohttp.ClientRespo
         if upstream.status >= 300:
             raw = await _read_all(upstream, backend)
             reason = f"answered HTTP {upstream.status}: {raw[:500].decode(errors='replace')}"
-            await _report_mid_stream(response, BackendError(backend, reason), "")
+            await _report_mid_stream(response, BackendError(backend, reason))
         elif transform is None:
-            await _copy_chunks(upstream, response, backend, "")
+            await _copy_chunks(upstream, response, backend)
         else:
             await _translate_chunks(upstream, response, backend, transform.streamer())
         await response.write_eof()
@@ -178,5 +177,5 @@ async def relay_into(response: web.StreamResponse, upstream: aiohttp.ClientRespo
 
 async def report_in_stream(response: web.StreamResponse, error: WarmpoolError) -> None:
     """End an already-open stream with `error` in its shape."""
-    await _report_mid_stream(response, error, "")
+    await _report_mid_stream(response, error)
     await response.write_eof()

@@ -358,6 +358,13 @@ class Pool:
             with contextlib.suppress(BaseException):
                 await self.swap_task
 
+    def queue_counts(self) -> dict[str, int]:
+        """Waiting requests by model."""
+        counts: dict[str, int] = {}
+        for waiter, _ in self.waiters.values():
+            counts[waiter.model] = counts.get(waiter.model, 0) + 1
+        return counts
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready picture of the pool for the status API and the tests."""
         return {
@@ -368,7 +375,7 @@ class Pool:
             "unloading": [m.name for m in self.models.values() if m.status == "unloading"],
             "draining": sorted(self.draining),
             "models": {m.name: _model_snapshot(m) for m in self.models.values()},
-            "queue": _queue_by_model(w for w, _ in self.waiters.values()),
+            "queue": self.queue_counts(),
             "swaps": [_swap_snapshot(r) for r in reversed(self.history)],
         }
 
@@ -379,13 +386,6 @@ async def _unknown_source(model: str) -> str:
 
 def _model_snapshot(m: ModelState) -> dict[str, Any]:
     return {"status": m.status, "inflight": m.inflight, "pinned": m.pinned, "size": m.size}
-
-
-def _queue_by_model(waiters: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for w in waiters:
-        counts[w.model] = counts.get(w.model, 0) + 1
-    return counts
 
 
 def _swap_snapshot(r: SwapRecord) -> dict[str, Any]:

@@ -12,9 +12,7 @@ from warmpool.scheduler import Scheduler
 def scheduler_gauges(scheduler: Scheduler) -> Iterable[Sample]:
     resident, depth, loading = [], [], []
     for pool in scheduler.pools.values():
-        queued = {w.model: 0 for w, _ in pool.waiters.values()}
-        for waiter, _ in pool.waiters.values():
-            queued[waiter.model] += 1
+        queued = pool.queue_counts()
         for name, state in pool.models.items():
             resident.append(([pool.name, name], 1.0 if state.status == "resident" else 0.0))
             loading.append(([pool.name, name], 1.0 if state.status == "loading" else 0.0))

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmpool.errors import BadRequest
+from warmpool.jsonfields import JSON
 from warmpool.jsonfields import as_object as _object
 from warmpool.jsonfields import get as _get
 from warmpool.jsonfields import object_at as _object_at
 
-JSON = dict[str, Any]
 Request = tuple[str, JSON]
 
 CHAT_PATH = "/v1/chat/completions"

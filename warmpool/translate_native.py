@@ -17,12 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from warmpool.errors import BadRequest
+from warmpool.jsonfields import JSON
 from warmpool.jsonfields import as_object as _object
 from warmpool.jsonfields import get as _get
 from warmpool.jsonfields import object_at as _object_at
 from warmpool.translate import ollama_error_to_openai
 
-JSON = dict[str, Any]
 Request = tuple[str, JSON]
 
 CHAT_API = "/api/chat"
