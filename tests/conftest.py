@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,19 @@ def warmpool_process(tmp_path: Path) -> Iterator[Any]:
     yield start
     for proc in started:
         proc.stop()
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> None:
+    """Wait until `predicate()` (sync or async) is true; fail after a generous `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
+        await asyncio.sleep(interval)
 
 
 def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> bool:

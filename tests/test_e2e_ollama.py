@@ -23,7 +23,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.conftest import running_warmpool
+from tests.conftest import eventually, running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator, normalize
 
 # Configured names (what clients say) and the Ollama names they are served under.
@@ -164,18 +164,6 @@ async def make_stack() -> AsyncIterator[MakeStack]:
 async def stack(make_stack: MakeStack) -> Stack:
     return await make_stack()
 
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> None:
-    """Wait until `predicate()` (sync or async) is true; fail after a generous `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
-        await asyncio.sleep(interval)
 
 
 async def read_lines(response: aiohttp.ClientResponse) -> list[tuple[float, bytes]]:

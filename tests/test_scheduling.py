@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import running_warmpool
+from tests.conftest import eventually, running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,17 +42,6 @@ async def generate(url: str, model: str) -> int:
             await r.read()
             return r.status
 
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def free_port() -> int:

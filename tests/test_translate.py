@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from ollama import (
     ProcessResponse,
 )
 
+from tests.splits import Split, bytewise, sized, whole
 from warmpool import translate
 from warmpool.errors import BadRequest
 from warmpool.translate import OllamaStreamTranslator
@@ -27,7 +27,6 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAW
 JPEG = "/9j/4AAQSkZJRgABAQEASABIAAD/2wBDAP"
 MODEL = "qwen2.5:7b"
 RFC3339_NANO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
-Split = Callable[[bytes], list[bytes]]
 
 
 def table(rows: list[tuple[Any, ...]]) -> list[Any]:
@@ -73,19 +72,7 @@ def chat_stream(*pieces: str, finish: str = "stop", usage: tuple[int, int] | Non
 PING = ": ping - 2024-06-04 14:38:31.837530+00:00\n\n"
 
 
-def whole(data: bytes) -> list[bytes]:
-    return [data]
 
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i:i + 1] for i in range(len(data))]
-
-
-def sized(n: int) -> Split:
-    def split(data: bytes) -> list[bytes]:
-        return [data[i:i + n] for i in range(0, len(data), n)]
-    split.__name__ = f"every_{n}_bytes"
-    return split
 
 
 def mid_line(data: bytes) -> list[bytes]:

@@ -9,7 +9,6 @@ import itertools
 import json
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -17,6 +16,7 @@ import pytest
 from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from tests.splits import Split, bytewise, sized, whole
 from warmpool import translate_native as native
 from warmpool.errors import BadRequest
 from warmpool.translate_native import OpenAIStreamTranslator
@@ -26,7 +26,6 @@ UPSTREAM = "qwen2.5-coder:7b"
 CREATED_AT = "2026-11-22T10:00:00.123456789Z"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0}
-Split = Callable[[bytes], list[bytes]]
 # openai ≥ 3 builds on the httpx2 fork, older releases on httpx; both have MockTransport
 http: Any = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
 
@@ -69,19 +68,7 @@ WEATHER_CALL = {"id": "call_k3j2x9", "function": {"index": 0, "name": "get_weath
 TIME_CALL = {"function": {"index": 1, "name": "get_time", "arguments": {"tz": "Europe/Paris"}}}
 
 
-def whole(data: bytes) -> list[bytes]:
-    return [data]
 
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i:i + 1] for i in range(len(data))]
-
-
-def sized(n: int) -> Split:
-    def split(data: bytes) -> list[bytes]:
-        return [data[i:i + n] for i in range(0, len(data), n)]
-    split.__name__ = f"every_{n}_bytes"
-    return split
 
 
 def mid_line(data: bytes) -> list[bytes]:
