@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from warmpool import auth
 from warmpool.backends.base import Backend
 from warmpool.config import Config
 from warmpool.errors import BackendError, WarmpoolError
 from warmpool.metrics import Metrics
-from warmpool.model_admin import add_model_routes
+from warmpool.model_admin import add_model_routes, known_model, require_admin
 from warmpool.ramtier import RamTier
 from warmpool.scheduler import Scheduler
 
@@ -79,20 +77,6 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     app.router.add_get("/warmpool/", page)
     app.router.add_get("/warmpool", page)
     add_model_routes(app, cfg, scheduler, tier, admin_keys)
-
-
-def known_model(request: web.Request, cfg: Config) -> str:
-    name = request.match_info["name"]
-    if name not in cfg.models:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"model '{name}' not found"}),
-                               content_type="application/json")
-    return name
-
-
-def require_admin(request: web.Request, keys: list[bytes]) -> None:
-    if not auth.accepted(auth.bearer(request.headers), keys):
-        raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
-                                   headers={"WWW-Authenticate": "Bearer"})
 
 
 async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> None:

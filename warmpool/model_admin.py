@@ -1,4 +1,4 @@
-"""The per-model admin API: every model's tiers (`GET /warmpool/models`), and warming or evicting a
+"""The per-model admin API and the checks every admin endpoint shares (admin key, known model): every model's tiers (`GET /warmpool/models`), and warming or evicting a
 model's weight files in the page cache (`POST /warmpool/models/{name}/warm|evict`)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from warmpool import auth
 from warmpool.config import Config
 from warmpool.ramtier import RamTier, RamTierError
 from warmpool.scheduler import Scheduler
@@ -19,8 +20,6 @@ PROGRESS_INTERVAL = 0.2  # seconds between progress lines
 
 def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, tier: RamTier | None,
                      admin_keys: list[bytes]) -> None:
-    from warmpool.admin import known_model, require_admin
-
     async def models(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
         return web.json_response({"models": [model_view(name, cfg, scheduler, tier) for name in cfg.models]})
@@ -49,6 +48,20 @@ def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, ti
     app.router.add_get("/warmpool/models", models)
     app.router.add_post("/warmpool/models/{name}/warm", warm)
     app.router.add_post("/warmpool/models/{name}/evict", evict)
+
+
+def known_model(request: web.Request, cfg: Config) -> str:
+    name = request.match_info["name"]
+    if name not in cfg.models:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"model '{name}' not found"}),
+                               content_type="application/json")
+    return name
+
+
+def require_admin(request: web.Request, keys: list[bytes]) -> None:
+    if not auth.accepted(auth.bearer(request.headers), keys):
+        raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
+                                   headers={"WWW-Authenticate": "Bearer"})
 
 
 def model_view(name: str, cfg: Config, scheduler: Scheduler, tier: RamTier | None) -> dict[str, Any]:
