@@ -145,8 +145,9 @@ class Proxy:
             return response
         try:
             self._observe_queue(ex)
-            upstream = await backend.forward(ex.model, ex.request.method, path, ex.request.headers,
-                                             json.dumps(body).encode(), query=ex.request.query_string)
+            upstream = await backend.forward(
+                ex.model, ex.request.method, path, ex.request.headers, json.dumps(body).encode(),
+                query=ex.request.rel_url.raw_query_string)
             await relay.relay_into(response, upstream, backend.name, transform)
         except WarmpoolError as error:
             await relay.report_in_stream(response, error)
@@ -203,7 +204,7 @@ class Proxy:
         assert ex.model is not None
         upstream = await backend.forward(
             ex.model, ex.request.method, path, ex.request.headers, serialized(body, ex),
-            query=ex.request.query_string)
+            query=ex.request.rel_url.raw_query_string)
         return await relay.relay(ex.request, upstream, backend.name, ex.tag, transform,
                                  on_first_byte=self._first_byte_observer(ex))
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 
-from warmpool.transforms import Streamer, Transform
+from warmpool.backends.http1 import Response, UpstreamBroken
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
+from warmpool.transforms import Streamer, Transform
 
 SKIP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "upgrade",
@@ -25,7 +25,7 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 Tagger = Callable[[web.StreamResponse], None]
 
 
-async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
+async def relay(request: web.Request, upstream: Response, backend: str, tag: Tagger,
                 transform: Transform | None, on_first_byte: Callable[[], None]) -> web.StreamResponse:
     """Copy `upstream` to the client; always releases the upstream connection (closing it early cancels the
     upstream's work when the client went away)."""
@@ -37,7 +37,7 @@ async def relay(request: web.Request, upstream: aiohttp.ClientResponse, backend:
         upstream.close()
 
 
-async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
+async def _pass_through(request: web.Request, upstream: Response, backend: str, tag: Tagger,
                         on_first_byte: Callable[[], None]) -> web.StreamResponse:
     first = b""
     if upstream.content_length is not None:
@@ -58,16 +58,16 @@ async def _pass_through(request: web.Request, upstream: aiohttp.ClientResponse, 
     return response
 
 
-async def _first_chunk(upstream: aiohttp.ClientResponse, backend: str) -> bytes:
+async def _first_chunk(upstream: Response, backend: str) -> bytes:
     """What the upstream has sent of its body so far (at least one byte, unless the body is empty). No
     byte has gone to the client yet, so a failure here is still an ordinary error response."""
     try:
-        return await upstream.content.readany()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        return await upstream.readany()
+    except (UpstreamBroken, TimeoutError) as exc:
         raise upstream_failure(backend, exc) from exc
 
 
-async def _send_whole(request: web.Request, upstream: aiohttp.ClientResponse, body: bytes, tag: Tagger,
+async def _send_whole(request: web.Request, upstream: Response, body: bytes, tag: Tagger,
                       on_first_byte: Callable[[], None]) -> web.Response:
     """A body that is already all here (the usual non-streamed answer) goes out in one write with its
     headers; a StreamResponse sends its headers on their own, one more syscall and one more wake-up of
@@ -82,15 +82,15 @@ async def _send_whole(request: web.Request, upstream: aiohttp.ClientResponse, bo
     return response
 
 
-async def _copy_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str) -> None:
+async def _copy_chunks(upstream: Response, response: web.StreamResponse, backend: str) -> None:
     try:
-        async for chunk in upstream.content.iter_any():
+        while chunk := await upstream.readany():
             await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamBroken, TimeoutError) as exc:
         await _report_mid_stream(response, upstream_failure(backend, exc))
 
 
-async def _translated(request: web.Request, upstream: aiohttp.ClientResponse, backend: str, tag: Tagger,
+async def _translated(request: web.Request, upstream: Response, backend: str, tag: Tagger,
                       transform: Transform, on_first_byte: Callable[[], None]) -> web.StreamResponse:
     if upstream.status >= 300 or not transform.stream:
         raw = await _read_all(upstream, backend)
@@ -108,15 +108,15 @@ async def _translated(request: web.Request, upstream: aiohttp.ClientResponse, ba
     return response
 
 
-async def _translate_chunks(upstream: aiohttp.ClientResponse, response: web.StreamResponse, backend: str,
+async def _translate_chunks(upstream: Response, response: web.StreamResponse, backend: str,
                             streamer: Streamer) -> None:
     try:
-        async for chunk in upstream.content.iter_any():
+        while chunk := await upstream.readany():
             for line in streamer.feed(chunk):
                 await response.write(line)
         for line in streamer.finish():
             await response.write(line)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamBroken, TimeoutError) as exc:
         await _report_mid_stream(response, upstream_failure(backend, exc))
 
 
@@ -127,10 +127,10 @@ def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
         raise BackendError(backend, f"upstream sent an answer warmpool cannot translate: {exc}") from exc
 
 
-async def _read_all(upstream: aiohttp.ClientResponse, backend: str) -> bytes:
+async def _read_all(upstream: Response, backend: str) -> bytes:
     try:
         return await upstream.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamBroken, TimeoutError) as exc:
         raise upstream_failure(backend, exc) from exc
 
 
@@ -151,13 +151,13 @@ async def _report_mid_stream(response: web.StreamResponse, error: WarmpoolError)
         await response.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
 
 
-def copy_headers(upstream: aiohttp.ClientResponse, response: web.StreamResponse) -> None:
-    for name, value in upstream.headers.items():
+def copy_headers(upstream: Response, response: web.StreamResponse) -> None:
+    for name, value in upstream.headers:
         if name.lower() not in SKIP_RESPONSE_HEADERS:
             response.headers.add(name, value)
 
 
-async def relay_into(response: web.StreamResponse, upstream: aiohttp.ClientResponse, backend: str,
+async def relay_into(response: web.StreamResponse, upstream: Response, backend: str,
                      transform: Transform | None) -> None:
     """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
     longer be passed on, so a failure ends the stream with an error in its shape."""

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
-from multidict import CIMultiDict
 
+from warmpool.backends.http1 import ConnectFailed, Origin, Response, UpstreamBroken
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BackendTimeout
 
@@ -28,6 +28,9 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "host", "content-length", "authorization",
     "x-warmpool-phase", "x-api-key",
 })
+# Also never forwarded: the body is re-serialised JSON, whatever type the client claimed (curl's default
+# form type would lie).
+NOT_FORWARDED = HOP_BY_HOP | {"content-type"}
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class Backend:
         self.on_lost: LostCallback = lambda model, reason: None
         self.healthy_once = False
         self._session: aiohttp.ClientSession | None = None
+        self._origins: dict[str, Origin] = {}
         self._prober: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -94,6 +98,9 @@ class Backend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        for origin in self._origins.values():
+            origin.close()
+        self._origins.clear()
 
     async def health(self) -> bool:
         raise NotImplementedError
@@ -119,20 +126,37 @@ class Backend:
         """The body to send upstream: the model renamed to what the backend knows it as."""
         return {**body, "model": model.upstream_name}
 
-    def upstream_headers(self, headers: Mapping[str, str]) -> CIMultiDict[str]:
+    def upstream_headers(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
         """The client's headers minus hop-by-hop ones; Host is recomputed from the upstream URL."""
-        return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+        return [(k, v) for k, v in headers.items() if k.lower() not in NOT_FORWARDED]
 
     async def forward(
         self, model: ModelConfig | None, method: str, path: str, headers: Mapping[str, str], body: bytes,
         *, query: str = "",
-    ) -> aiohttp.ClientResponse:
-        """Send the request upstream; return the response with its body unread (the caller must release it)."""
-        url = self.base_url(model) + path + (f"?{query}" if query else "")
+    ) -> Response:
+        """Send the request upstream; return the response with its body unread (the caller must close it)."""
+        base = self.base_url(model)
+        origin = self._origins.get(base) or self._origin(base)
+        target = f"{path}?{query}" if query else path
         hdrs = self.upstream_headers(headers)
         if body:
-            hdrs["Content-Type"] = "application/json"  # warmpool re-serialised it; curl's default form type would lie
-        return await send(self.session, self.name, method, url, hdrs, body, self.app_config.timeouts.first_byte)
+            hdrs.append(("Content-Type", "application/json"))
+        first_byte = self.app_config.timeouts.first_byte
+        try:
+            return await within(first_byte, origin.request(method, target, hdrs, body))
+        except TimeoutError:
+            reason = f"no response within {first_byte:g} s ({method} {base}{target})"
+            raise BackendTimeout(self.name, reason) from None
+        except ConnectFailed as exc:
+            raise BackendError(self.name, f"cannot connect to {base}: {exc}") from exc
+        except UpstreamBroken as exc:
+            raise BackendError(self.name, f"connection dropped ({method} {base}{target}): {exc}") from exc
+
+    def _origin(self, base: str) -> Origin:
+        timeouts = self.app_config.timeouts
+        origin = Origin(base, connect_timeout=timeouts.connect, idle_timeout=timeouts.idle)
+        self._origins[base] = origin
+        return origin
 
 
 def make_session(cfg: Config) -> aiohttp.ClientSession:

@@ -1,0 +1,320 @@
+"""The data path's HTTP/1.1 client against real loopback servers that send exact bytes: framing (length,
+chunked at every split, until close), keep-alive reuse and its limits, a stale connection retried once,
+an early close reaching the upstream, the idle timeout, flow control, and what it refuses to send."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.splits import Split, bytewise, sized, whole
+from warmpool.backends import http1
+from warmpool.backends.http1 import ConnectFailed, Origin, UpstreamBroken
+
+# A script answers each request on a connection: it gets (request bytes, index of the request on this
+# connection) and the stream writer, and writes whatever it likes.
+Script = Callable[[bytes, int, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawServer:
+    """A loopback server that reads requests (head + Content-Length body) and lets a script answer."""
+
+    script: Script
+    url: str = ""
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        index = 0
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                await self.script(request, index, writer)
+                index += 1
+                if writer.is_closing():
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            self.disconnected.set()
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Script], Awaitable[RawServer]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script) -> RawServer:
+        raw = RawServer(script)
+        server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+        servers.append(server)
+        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return raw
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def origin(url: str, idle: float = 30.0) -> Origin:
+    return Origin(url, connect_timeout=5.0, idle_timeout=idle)
+
+
+def answer(body: bytes, extra: bytes = b"") -> Script:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + extra
+                     + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+    return script
+
+
+def sent_in(parts: list[bytes], pause: float = 0.0) -> Script:
+    """Write the response in these pieces, flushing (and optionally pausing) between them."""
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause)
+    return script
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-ndjson\r\n\r\n"
+           b"7\r\n{\"a\":1}\r\n"
+           b"A;ext=1\r\n{\"b\":22}\n\n\r\n"
+           b"0\r\nX-Trailer: yes\r\n\r\n")
+
+
+async def test_content_length_body_and_the_connection_is_reused(serve) -> None:
+    server = await serve(answer(b"hello", b"X-Up: 1\r\n"))
+    pool = origin(server.url)
+    for _ in range(3):
+        response = await pool.request("POST", "/v1/x", [("Accept", "*/*")], b"{}")
+        assert (response.status, response.reason, response.content_length) == (200, "OK", 5)
+        assert response.header("x-up") == "1"
+        assert await response.read() == b"hello"
+        response.close()
+    assert server.connections == 1 and len(server.requests) == 3
+    first = server.requests[0]
+    assert first.startswith(b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"\r\nContent-Length: 2\r\n\r\n{}" in first
+    pool.close()
+
+
+@pytest.mark.parametrize("split", [whole, bytewise, sized(3), sized(16)], ids=lambda s: s.__name__)
+async def test_chunked_body_is_decoded_wherever_the_reads_end(serve, split: Split) -> None:
+    server = await serve(sent_in(split(CHUNKED)))
+    pool = origin(server.url)
+    response = await pool.request("GET", "/api/ps", [], b"")
+    assert response.content_length is None
+    assert await response.read() == b'{"a":1}{"b":22}\n\n'
+    # The body ended with its last chunk, so the connection is reused.
+    response = await pool.request("GET", "/api/ps", [], b"")
+    assert await response.read() == b'{"a":1}{"b":22}\n\n'
+    assert server.connections == 1
+    pool.close()
+
+
+async def test_chunks_are_handed_on_as_they_arrive(serve) -> None:
+    release = asyncio.Event()
+
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+
+    pool = origin((await serve(script)).url)
+    response = await pool.request("POST", "/api/chat", [], b"{}")
+    assert await asyncio.wait_for(response.readany(), 5) == b"first"
+    release.set()
+    assert await response.read() == b"second"
+    pool.close()
+
+
+async def test_a_body_without_length_runs_until_close(serve) -> None:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    server = await serve(script)
+    pool = origin(server.url)
+    for _ in range(2):
+        response = await pool.request("GET", "/", [], b"")
+        assert await response.read() == b"all of it"
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_connection_close_and_bodiless_answers(serve) -> None:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        if request.startswith(b"HEAD"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+        elif request.startswith(b"DELETE"):
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    server = await serve(script)
+    pool = origin(server.url)
+    head = await pool.request("HEAD", "/", [], b"")
+    assert head.status == 200 and await head.read() == b""
+    empty = await pool.request("DELETE", "/api/delete", [], b"")
+    assert empty.status == 204 and await empty.read() == b""
+    closing = await pool.request("GET", "/", [], b"")
+    assert await closing.read() == b"ok"
+    again = await pool.request("GET", "/", [], b"")  # the server said close: a new connection
+    assert await again.read() == b"ok"
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_a_stale_reused_connection_is_retried_once_on_a_fresh_one(serve) -> None:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        if index == 1:
+            writer.close()  # closes as the second request arrives, as a server's keep-alive timer may
+            return
+        await answer(b"fine")(request, index, writer)
+
+    server = await serve(script)
+    pool = origin(server.url)
+    assert await (await pool.request("POST", "/x", [], b"1")).read() == b"fine"
+    assert await (await pool.request("POST", "/x", [], b"2")).read() == b"fine"
+    assert server.connections == 2 and len(server.requests) == 3
+    pool.close()
+
+
+async def test_a_fresh_connection_closed_before_the_answer_is_an_error(serve) -> None:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await serve(script)
+    with pytest.raises(UpstreamBroken, match="before the response"):
+        await origin(server.url).request("POST", "/x", [], b"{}")
+    assert len(server.requests) == 1  # not sent twice
+
+
+async def test_idle_connections_are_not_reused_after_the_keepalive_limit(serve, monkeypatch) -> None:
+    server = await serve(answer(b"x"))
+    pool = origin(server.url)
+    await (await pool.request("GET", "/", [], b"")).read()
+    monkeypatch.setattr(http1, "KEEPALIVE_SECONDS", 0.0)
+    await (await pool.request("GET", "/", [], b"")).read()
+    assert server.connections == 2
+    pool.close()
+
+
+async def test_closing_mid_body_closes_the_connection(serve) -> None:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while True:
+            writer.write(b"3\r\ntok\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    server = await serve(script)
+    pool = origin(server.url)
+    response = await pool.request("POST", "/api/generate", [], b"{}")
+    assert (await response.readany()).startswith(b"tok")
+    response.close()
+    await asyncio.wait_for(server.disconnected.wait(), 5)  # the upstream saw its client go
+    pool.close()
+
+
+async def test_silence_after_the_head_is_a_timeout(serve) -> None:
+    server = await serve(sent_in([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n"],
+                                 pause=30))
+    response = await origin(server.url, idle=0.2).request("POST", "/x", [], b"{}")
+    assert await response.readany() == b"hi"
+    with pytest.raises(TimeoutError):
+        await response.readany()
+    response.close()
+
+
+async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    response = await origin((await serve(script)).url).request("GET", "/", [], b"")
+    with pytest.raises(UpstreamBroken, match="mid-response"):
+        await response.read()
+
+
+@pytest.mark.parametrize("reply", [
+    b"SSH-2.0-OpenSSH\r\n\r\n",
+    b"HTTP/1.1 abc Weird\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n Folded: no\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+async def test_what_is_not_http_is_refused(serve, reply: bytes) -> None:
+    server = await serve(sent_in([reply], pause=5))
+    with pytest.raises(UpstreamBroken):
+        response = await origin(server.url).request("GET", "/", [], b"")
+        await response.read()
+
+
+async def test_reading_pauses_while_the_reader_lags_and_loses_nothing(serve) -> None:
+    piece = bytes(range(256)) * 256  # 64 KiB
+    pieces = 40
+
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(piece) * pieces))
+        for _ in range(pieces):
+            writer.write(piece)
+            await writer.drain()
+
+    response = await origin((await serve(script)).url).request("GET", "/", [], b"")
+    await asyncio.sleep(0.3)  # the server writes; we do not read
+    assert response._paused and response._buffered < 2 * http1.HIGH_WATER
+    assert await response.read() == piece * pieces
+
+
+async def test_values_that_would_split_the_head_are_not_sent(serve) -> None:
+    server = await serve(answer(b""))
+    pool = origin(server.url + "/prefix")
+    headers = [("X-Evil", "a\r\nInjected: 1"), ("X-Ok", "é")]
+    response = await pool.request("GET", "/api/tags?a=b c", headers, b"")
+    await response.read()
+    sent = server.requests[0]
+    assert sent.startswith(b"GET /prefix/api/tags?a=b%20c HTTP/1.1\r\n")
+    assert b"Injected" not in sent and b"X-Evil" not in sent
+    assert "X-Ok: é".encode() in sent
+    pool.close()
+
+
+async def test_nothing_listening_is_a_connect_failure() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectFailed):
+        await origin(f"http://127.0.0.1:{port}").request("GET", "/", [], b"")
+
+
+def test_host_header_omits_default_ports_and_brackets_ipv6() -> None:
+    assert origin("http://example.test").host_header == "example.test"
+    assert origin("https://example.test:443/v1").host_header == "example.test"
+    assert origin("http://[::1]:8080").host_header == "[::1]:8080"
+    with pytest.raises(ValueError):
+        origin("ftp://example.test")
