@@ -143,7 +143,7 @@ class Backend:
             hdrs.append(("Content-Type", "application/json"))
         first_byte = self.app_config.timeouts.first_byte
         try:
-            return await within(first_byte, origin.request(method, target, hdrs, body))
+            return await origin.request(method, target, hdrs, body, timeout=first_byte)
         except TimeoutError:
             reason = f"no response within {first_byte:g} s ({method} {base}{target})"
             raise BackendTimeout(self.name, reason) from None

@@ -51,18 +51,20 @@ class Origin:
         self.idle_timeout = idle_timeout
         self._idle: list[Connection] = []
 
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]],
-                      body: bytes) -> Response:
-        """Send one request and wait for the head of its answer; the body is read from the Response."""
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, *,
+                      timeout: float) -> Response:
+        """Send one request and wait for the head of its answer; the body is read from the Response.
+        TimeoutError when no head arrived within `timeout` seconds, connecting included."""
+        deadline = asyncio.get_running_loop().time() + timeout
         head = self._head(method, target, headers, body)
         for attempt in range(2):
             connection = self._checkout() if attempt == 0 else None
             reused = connection is not None
             if connection is None:
-                connection = await self._connect()
+                connection = await self._connect(deadline)
             response = connection.send(head + body if body else head, expect_body=method != "HEAD")
             try:
-                await response.head_received()
+                await response.head_received(deadline)
                 return response
             except UpstreamBroken:
                 # A reused connection the upstream closed just as the request went out: the upstream
@@ -110,14 +112,17 @@ class Origin:
         if connection in self._idle:
             self._idle.remove(connection)
 
-    async def _connect(self) -> Connection:
+    async def _connect(self, deadline: float) -> Connection:
         loop = asyncio.get_running_loop()
+        connect_by = loop.time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(min(deadline, connect_by)):
                 _, connection = await loop.create_connection(
                     lambda: Connection(self), self.host, self.port, ssl=self.tls,
                     server_hostname=self.host if self.tls else None)
         except TimeoutError:
+            if deadline < connect_by:
+                raise  # the whole request's time ran out first
             raise ConnectFailed(f"no connection within {self.connect_timeout:g} s") from None
         except OSError as exc:
             raise ConnectFailed(exc.strerror or str(exc)) from exc
@@ -209,11 +214,11 @@ class Response:
 
     # -- reading (the relay's side) ------------------------------------------------------------------------
 
-    async def head_received(self) -> None:
+    async def head_received(self, deadline: float) -> None:
         while not self._head_done:
             if self._error is not None:
                 raise self._error
-            await self._wait(None)
+            await self._wait(deadline - asyncio.get_running_loop().time())
 
     def header(self, name: str) -> str | None:
         lowered = name.lower()
@@ -252,16 +257,19 @@ class Response:
             connection.response = None
             connection.abort()  # mid-body: the upstream must see the client go
 
-    async def _wait(self, timeout: float | None) -> None:
+    async def _wait(self, timeout: float) -> None:
+        """Until the connection has news for this response; TimeoutError after `timeout` seconds. A bare
+        timer on the future, not asyncio.timeout: every proxied request waits here at least once."""
+        if timeout <= 0:
+            raise TimeoutError
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, self._silent, waiter) if timeout else None
+        timer = loop.call_later(timeout, self._silent, waiter)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     @staticmethod
     def _silent(waiter: asyncio.Future[None]) -> None:
