@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import secrets
@@ -10,13 +11,17 @@ import sys
 import time
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("warmpool_request_id", default="-")
+# Ids are this process's random prefix and a counter: unique across restarts, and no random bytes
+# (a getrandom call) per request.
+_ID_PREFIX = secrets.token_hex(3)
+_ID_COUNTER = itertools.count(1)
 # Fields a log call may pass through `extra=` that belong in a JSON line.
 EXTRA_FIELDS = ("model", "phase", "status", "queue_wait_s", "duration_s", "backend", "swap_s", "pool")
 
 
 def new_request_id(given: str | None = None) -> str:
     """Start a request's context: reuse a sane client-given X-Request-Id, else make one."""
-    rid = given if given and len(given) <= 64 and given.isprintable() else secrets.token_hex(6)
+    rid = given if given and len(given) <= 64 and given.isprintable() else f"{_ID_PREFIX}{next(_ID_COUNTER):06x}"
     REQUEST_ID.set(rid)
     return rid
 
