@@ -8,6 +8,10 @@ Two warmpool routes to the same upstream are measured:
 - `ollama`: an ollama-kind backend whose model the fake lists in /api/ps, so every request takes the
   scheduler's lease fast path (acquire, release, re-plan).
 
+For reference, a proxy with no logic at all is measured beside them (`--no-reference` skips it): aiohttp's
+server and warmpool's upstream client (backends/http1.py) with nothing in between (no routing, leases,
+metrics or rewriting). It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
+
 Measured, in rounds that interleave direct and proxied runs (the machine is shared, so medians over the
 rounds are reported): requests per second and latency p50/p99 of small non-streamed chat completions at
 concurrency 1 and 16, warmpool's CPU time per request at concurrency 16 (from /proc; steadier than
@@ -121,9 +125,39 @@ def fake_upstream(chunks: int, gap: float) -> web.Application:
     return app
 
 
-async def serve_upstream(settings: Settings) -> None:
+# -- the reference proxy with no logic (its own process) ----------------------------------------------------
+
+def reference_proxy(upstream: str) -> web.Application:
+    """Forward every request to `upstream` and relay the answer: whole when its length is known, else
+    chunk by chunk. Nothing else."""
+    from warmpool.backends.http1 import Origin  # from the checkout under test (PYTHONPATH)
+
+    origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
+    json_type = [("Content-Type", "application/json")]
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        answer = await origin.request(request.method, request.path, json_type, body, timeout=60.0)
+        headers = {"Content-Type": answer.header("Content-Type") or "application/json"}
+        try:
+            if answer.content_length is not None:
+                return web.Response(status=answer.status, body=await answer.read(), headers=headers)
+            response = web.StreamResponse(status=answer.status, headers=headers)
+            await response.prepare(request)
+            while chunk := await answer.readany():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            answer.close()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+async def serve_app(app: web.Application) -> None:
     """Serve on an ephemeral port, print the URL, and stop when stdin closes (the parent went away)."""
-    app = fake_upstream(settings.chunks, settings.gap)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -187,13 +221,24 @@ def children() -> Iterator[list[Child]]:
 def start_upstream(started: list[Child], settings: Settings) -> str:
     argv = [sys.executable, str(Path(__file__).resolve()), "--upstream", "--chunks", str(settings.chunks),
             "--gap", str(settings.gap)]
-    child = Child("upstream", argv)
+    return start_server(started, Child("upstream", argv)).url
+
+
+def start_reference(started: list[Child], upstream: str, source: Path) -> Child:
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    argv = [sys.executable, str(Path(__file__).resolve()), "--reference", upstream]
+    return start_server(started, Child("reference proxy", argv, env))
+
+
+def start_server(started: list[Child], child: Child) -> Child:
+    """Wait for a child started with --upstream or --reference to print its URL."""
     started.append(child)
     line = child.first_line()
     if not line.startswith("listening on "):
         child.stop()
-        raise RuntimeError(f"fake upstream did not start: {line!r} {''.join(child.output)}")
-    return line.removeprefix("listening on ")
+        raise RuntimeError(f"{child.name} did not start: {line!r} {''.join(child.output)}")
+    child.url = line.removeprefix("listening on ")
+    return child
 
 
 def warmpool_config(upstream: str, port: int) -> dict[str, object]:
@@ -357,16 +402,22 @@ async def measure_target(url: str, model: str, settings: Settings, into: Samples
     into.add("chunk_p99", percentile(delays, 99) * 1e3)
 
 
-async def measure(direct: str, proxy: Child, routes: list[str], settings: Settings,
+async def measure(direct: str, proxy: Child, routes: list[str], reference: Child | None, settings: Settings,
                   progress: Callable[[str], None]) -> dict[str, Samples]:
-    """Interleaved rounds: direct, then each route, `settings.rounds` times."""
-    results = {name: Samples() for name in ["direct", *routes]}
+    """Interleaved rounds: direct, then each route (and the reference proxy), `settings.rounds` times; the
+    proxied targets take turns going first, so none always runs right after direct."""
+    targets = {route: (proxy, ROUTES[route]) for route in routes}
+    if reference is not None:
+        targets["reference"] = (reference, ROUTES["openai"])
+    results = {name: Samples() for name in ["direct", *targets]}
+    order = list(targets)
     for index in range(settings.rounds):
         await measure_target(direct, ROUTES["openai"], settings, results["direct"], None)
-        for route in routes:
-            await measure_target(proxy.url, ROUTES[route], settings, results[route], proxy.proc.pid)
+        for name in order[index % len(order):] + order[:index % len(order)]:
+            child, model = targets[name]
+            await measure_target(child.url, model, settings, results[name], child.proc.pid)
         progress(f"round {index + 1}/{settings.rounds} done")
-    for route in routes:
+    for route in [name for name in results if name != "direct"]:
         add_differences(results["direct"], results[route])
     return results
 
@@ -403,7 +454,7 @@ ROWS = [
     ("chunk added p50 (ms)", "added_chunk_p50", "{:+.3f}"),
     ("chunk added p99 (ms)", "added_chunk_p99", "{:+.3f}"),
 ]
-HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama"}
+HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama", "reference": "no logic"}
 
 
 def table(results: dict[str, Samples]) -> str:
@@ -417,7 +468,7 @@ def table(results: dict[str, Samples]) -> str:
 
 def verdicts(results: dict[str, Samples]) -> list[str]:
     lines = []
-    for route in (r for r in results if r != "direct"):
+    for route in (r for r in results if r not in ("direct", "reference")):
         s = results[route]
         checks = [
             ("added p50 latency at c=1", s.median("added_p50_c1"), TARGETS["added_p50_c1_ms"], "ms", True),
@@ -444,7 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, default=REPO,
                         help="run warmpool from this checkout, e.g. to compare a change (default: this one)")
     parser.add_argument("--json", action="store_true", help="also print every per-round figure as JSON")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference proxy with no logic")
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", metavar="UPSTREAM", help=argparse.SUPPRESS)
     parser.add_argument("--chunks", type=int, default=CHUNKS, help=argparse.SUPPRESS)
     parser.add_argument("--gap", type=float, default=GAP, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -471,7 +524,8 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool) -> int:
+def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool,
+              with_reference: bool) -> int:
     def progress(text: str) -> None:
         print(f"  {text} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
 
@@ -479,9 +533,10 @@ def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool
     with children() as started, tempfile.TemporaryDirectory(prefix="warmpool-bench-") as workdir:
         upstream = start_upstream(started, settings)
         proxy = start_warmpool(started, upstream, Path(workdir), source)
+        reference = start_reference(started, upstream, source) if with_reference else None
         progress(f"upstream {upstream}, warmpool {proxy.url} from {source}; {settings.rounds} rounds")
         run = event_loop_runner()
-        results = run(measure(upstream, proxy, routes, settings, progress))
+        results = run(measure(upstream, proxy, routes, reference, settings, progress))
     print(f"\nwarmpool overhead, {os.cpu_count()} CPUs, {settings.rounds} rounds, "
           f"c=1: {settings.requests_c1} "
           f"requests, c=16: {settings.requests_c16}, streams: {settings.streams} x {settings.chunks} chunks "
@@ -498,12 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from(args)
     if args.upstream:
-        event_loop_runner()(serve_upstream(settings))
+        event_loop_runner()(serve_app(fake_upstream(settings.chunks, settings.gap)))
+        return 0
+    if args.reference:
+        event_loop_runner()(serve_app(reference_proxy(args.reference)))
         return 0
     raise_on_sigterm()
     routes = [args.only] if args.only else list(ROUTES)
     try:
-        return benchmark(settings, routes, args.source.resolve(), args.json)
+        return benchmark(settings, routes, args.source.resolve(), args.json, not args.no_reference)
     except KeyboardInterrupt:
         print("interrupted; child processes stopped", file=sys.stderr)
         return 130
