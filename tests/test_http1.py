@@ -325,3 +325,21 @@ def test_host_header_omits_default_ports_and_brackets_ipv6() -> None:
     assert origin("http://[::1]:8080").host_header == "[::1]:8080"
     with pytest.raises(ValueError):
         origin("ftp://example.test")
+
+
+def test_only_end_to_end_headers_go_upstream() -> None:
+    from multidict import CIMultiDict
+
+    from warmpool.backends.ollama import OllamaBackend
+    from warmpool.config import config_from_mapping
+
+    cfg = config_from_mapping({"backends": {"o": {"kind": "ollama", "url": "http://127.0.0.1:1"}},
+                               "models": {"m": {"backend": "o"}}}, env={}, source="<test>")
+    client = CIMultiDict([
+        ("Host", "evil.example"), ("Connection", "keep-alive"), ("Content-Length", "9"),
+        ("Content-Type", "application/x-www-form-urlencoded"), ("Expect", "100-continue"),
+        ("Authorization", "Bearer client-key"), ("X-Warmpool-Phase", "plan"), ("Accept", "*/*"),
+        ("X-Request-Id", "abc"),
+    ])
+    assert OllamaBackend(cfg.backends["o"], cfg).upstream_headers(client) == [
+        ("Accept", "*/*"), ("X-Request-Id", "abc")]

@@ -29,8 +29,9 @@ HOP_BY_HOP = frozenset({
     "x-warmpool-phase", "x-api-key",
 })
 # Also never forwarded: the body is re-serialised JSON, whatever type the client claimed (curl's default
-# form type would lie).
-NOT_FORWARDED = HOP_BY_HOP | {"content-type"}
+# form type would lie); and Expect: 100-continue, since warmpool already holds the whole body and sends it
+# with the head.
+NOT_FORWARDED = HOP_BY_HOP | {"content-type", "expect"}
 
 
 @dataclass(slots=True)
