@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 export CMAKE_ARGS
 
-# Programs some tests drive for real: headless Chromium (the status page) and Prometheus (the dashboard).
-SYSTEM_TOOLS := chromium prometheus
+# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard) and
+# openssl (a certificate for the HTTPS upstream test).
+SYSTEM_TOOLS := chromium prometheus openssl
 
 .PHONY: serve test bench clean system-deps
 

@@ -5,6 +5,10 @@ an early close reaching the upstream, the idle timeout, flow control, and what i
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -13,6 +17,8 @@ import pytest
 from tests.splits import Split, bytewise, sized, whole
 from warmpool.backends import http1
 from warmpool.backends.http1 import ConnectFailed, Origin, UpstreamBroken
+
+OPENSSL = shutil.which("openssl")
 
 # A script answers each request on a connection: it gets (request bytes, index of the request on this
 # connection) and the stream writer, and writes whatever it likes.
@@ -343,3 +349,36 @@ def test_only_end_to_end_headers_go_upstream() -> None:
     ])
     assert OllamaBackend(cfg.backends["o"], cfg).upstream_headers(client) == [
         ("Accept", "*/*"), ("X-Request-Id", "abc")]
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    assert OPENSSL is not None, "the openssl command makes this test's certificate"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.mark.skipif(OPENSSL is None and not os.environ.get("CI"), reason="openssl is not installed "
+                    "(apt-get install openssl; under CI this test fails instead)")
+async def test_https_upstreams_are_verified_and_spoken_to(certificate, monkeypatch) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    raw = RawServer(answer(b"secret"))
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", 0, ssl=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ConnectFailed):  # not signed by anything this machine trusts
+            await origin(f"https://127.0.0.1:{port}").request("GET", "/", [], b"", timeout=30)
+        monkeypatch.setenv("SSL_CERT_FILE", cert)  # now it is trusted
+        pool = origin(f"https://127.0.0.1:{port}")
+        response = await pool.request("GET", "/v1/models", [], b"", timeout=30)
+        assert await response.read() == b"secret"
+        assert raw.requests[-1].startswith(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:")
+        pool.close()
+    finally:
+        server.close()
