@@ -225,7 +225,9 @@ class UsageState:
             return cls(path)
 
     def record(self, name: str, now: float) -> None:
-        entry = self.models.setdefault(name, Usage())
+        entry = self.models.get(name)
+        if entry is None:
+            entry = self.models[name] = Usage()
         entry.count += 1
         entry.last_used = now
         self.dirty = True
@@ -375,8 +377,9 @@ class RamTier:
 
     def record_use(self, name: str) -> None:
         """A request used the model: it counts for priority now and at the next start."""
-        self.state.record(name, self.clock())
-        self.session[name] = self.clock()
+        now = self.clock()
+        self.state.record(name, now)
+        self.session[name] = now
         self.unwanted.discard(name)
 
     def ranks(self) -> dict[str, int]:
