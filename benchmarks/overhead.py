@@ -133,7 +133,7 @@ def reference_proxy(upstream: str) -> web.Application:
     from warmpool.backends.http1 import Origin  # from the checkout under test (PYTHONPATH)
 
     origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
-    json_type = [("Content-Type", "application/json")]
+    json_type = b"Content-Type: application/json\r\n"
 
     async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()

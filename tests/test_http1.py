@@ -16,7 +16,7 @@ import pytest
 
 from tests.splits import Split, bytewise, sized, whole
 from warmpool.backends import http1
-from warmpool.backends.http1 import ConnectFailed, Origin, UpstreamBroken
+from warmpool.backends.http1 import ConnectFailed, Origin, UpstreamBroken, encode_headers
 
 OPENSSL = shutil.which("openssl")
 
@@ -109,7 +109,7 @@ async def test_content_length_body_and_the_connection_is_reused(serve) -> None:
     server = await serve(answer(b"hello", b"X-Up: 1\r\n"))
     pool = origin(server.url)
     for _ in range(3):
-        response = await pool.request("POST", "/v1/x", [("Accept", "*/*")], b"{}", timeout=30)
+        response = await pool.request("POST", "/v1/x", b"Accept: */*\r\n", b"{}", timeout=30)
         assert (response.status, response.reason, response.content_length) == (200, "OK", 5)
         assert response.header("x-up") == "1"
         assert await response.read() == b"hello"
@@ -125,11 +125,11 @@ async def test_content_length_body_and_the_connection_is_reused(serve) -> None:
 async def test_chunked_body_is_decoded_wherever_the_reads_end(serve, split: Split) -> None:
     server = await serve(sent_in(split(CHUNKED)))
     pool = origin(server.url)
-    response = await pool.request("GET", "/api/ps", [], b"", timeout=30)
+    response = await pool.request("GET", "/api/ps", b"", b"", timeout=30)
     assert response.content_length is None
     assert await response.read() == b'{"a":1}{"b":22}\n\n'
     # The body ended with its last chunk, so the connection is reused.
-    response = await pool.request("GET", "/api/ps", [], b"", timeout=30)
+    response = await pool.request("GET", "/api/ps", b"", b"", timeout=30)
     assert await response.read() == b'{"a":1}{"b":22}\n\n'
     assert server.connections == 1
     pool.close()
@@ -146,7 +146,7 @@ async def test_chunks_are_handed_on_as_they_arrive(serve) -> None:
         await writer.drain()
 
     pool = origin((await serve(script)).url)
-    response = await pool.request("POST", "/api/chat", [], b"{}", timeout=30)
+    response = await pool.request("POST", "/api/chat", b"", b"{}", timeout=30)
     assert await asyncio.wait_for(response.readany(), 5) == b"first"
     release.set()
     assert await response.read() == b"second"
@@ -162,7 +162,7 @@ async def test_a_body_without_length_runs_until_close(serve) -> None:
     server = await serve(script)
     pool = origin(server.url)
     for _ in range(2):
-        response = await pool.request("GET", "/", [], b"", timeout=30)
+        response = await pool.request("GET", "/", b"", b"", timeout=30)
         assert await response.read() == b"all of it"
     assert server.connections == 2
     pool.close()
@@ -180,13 +180,13 @@ async def test_connection_close_and_bodiless_answers(serve) -> None:
 
     server = await serve(script)
     pool = origin(server.url)
-    head = await pool.request("HEAD", "/", [], b"", timeout=30)
+    head = await pool.request("HEAD", "/", b"", b"", timeout=30)
     assert head.status == 200 and await head.read() == b""
-    empty = await pool.request("DELETE", "/api/delete", [], b"", timeout=30)
+    empty = await pool.request("DELETE", "/api/delete", b"", b"", timeout=30)
     assert empty.status == 204 and await empty.read() == b""
-    closing = await pool.request("GET", "/", [], b"", timeout=30)
+    closing = await pool.request("GET", "/", b"", b"", timeout=30)
     assert await closing.read() == b"ok"
-    again = await pool.request("GET", "/", [], b"", timeout=30)  # the server said close: a new connection
+    again = await pool.request("GET", "/", b"", b"", timeout=30)  # the server said close: a new connection
     assert await again.read() == b"ok"
     assert server.connections == 2
     pool.close()
@@ -201,8 +201,8 @@ async def test_a_stale_reused_connection_is_retried_once_on_a_fresh_one(serve) -
 
     server = await serve(script)
     pool = origin(server.url)
-    assert await (await pool.request("POST", "/x", [], b"1", timeout=30)).read() == b"fine"
-    assert await (await pool.request("POST", "/x", [], b"2", timeout=30)).read() == b"fine"
+    assert await (await pool.request("POST", "/x", b"", b"1", timeout=30)).read() == b"fine"
+    assert await (await pool.request("POST", "/x", b"", b"2", timeout=30)).read() == b"fine"
     assert server.connections == 2 and len(server.requests) == 3
     pool.close()
 
@@ -213,16 +213,16 @@ async def test_a_fresh_connection_closed_before_the_answer_is_an_error(serve) ->
 
     server = await serve(script)
     with pytest.raises(UpstreamBroken, match="before the response"):
-        await origin(server.url).request("POST", "/x", [], b"{}", timeout=30)
+        await origin(server.url).request("POST", "/x", b"", b"{}", timeout=30)
     assert len(server.requests) == 1  # not sent twice
 
 
 async def test_idle_connections_are_not_reused_after_the_keepalive_limit(serve, monkeypatch) -> None:
     server = await serve(answer(b"x"))
     pool = origin(server.url)
-    await (await pool.request("GET", "/", [], b"", timeout=30)).read()
+    await (await pool.request("GET", "/", b"", b"", timeout=30)).read()
     monkeypatch.setattr(http1, "KEEPALIVE_SECONDS", 0.0)
-    await (await pool.request("GET", "/", [], b"", timeout=30)).read()
+    await (await pool.request("GET", "/", b"", b"", timeout=30)).read()
     assert server.connections == 2
     pool.close()
 
@@ -237,7 +237,7 @@ async def test_closing_mid_body_closes_the_connection(serve) -> None:
 
     server = await serve(script)
     pool = origin(server.url)
-    response = await pool.request("POST", "/api/generate", [], b"{}", timeout=30)
+    response = await pool.request("POST", "/api/generate", b"", b"{}", timeout=30)
     assert (await response.readany()).startswith(b"tok")
     response.close()
     await asyncio.wait_for(server.disconnected.wait(), 5)  # the upstream saw its client go
@@ -247,14 +247,14 @@ async def test_closing_mid_body_closes_the_connection(serve) -> None:
 async def test_no_head_within_the_timeout_is_a_timeout_and_the_request_is_dropped(serve) -> None:
     server = await serve(sent_in([], pause=30))
     with pytest.raises(TimeoutError):
-        await origin(server.url).request("POST", "/x", [], b"{}", timeout=0.2)
+        await origin(server.url).request("POST", "/x", b"", b"{}", timeout=0.2)
     await asyncio.wait_for(server.disconnected.wait(), 5)
 
 
 async def test_silence_after_the_head_is_a_timeout(serve) -> None:
     server = await serve(sent_in([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n"],
                                  pause=30))
-    response = await origin(server.url, idle=0.2).request("POST", "/x", [], b"{}", timeout=30)
+    response = await origin(server.url, idle=0.2).request("POST", "/x", b"", b"{}", timeout=30)
     assert await response.readany() == b"hi"
     with pytest.raises(TimeoutError):
         await response.readany()
@@ -267,7 +267,7 @@ async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
         await writer.drain()
         writer.close()
 
-    response = await origin((await serve(script)).url).request("GET", "/", [], b"", timeout=30)
+    response = await origin((await serve(script)).url).request("GET", "/", b"", b"", timeout=30)
     with pytest.raises(UpstreamBroken, match="mid-response"):
         await response.read()
 
@@ -283,7 +283,7 @@ async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
 async def test_what_is_not_http_is_refused(serve, reply: bytes) -> None:
     server = await serve(sent_in([reply], pause=5))
     with pytest.raises(UpstreamBroken):
-        response = await origin(server.url).request("GET", "/", [], b"", timeout=30)
+        response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
         await response.read()
 
 
@@ -297,7 +297,7 @@ async def test_reading_pauses_while_the_reader_lags_and_loses_nothing(serve) -> 
             writer.write(piece)
             await writer.drain()
 
-    response = await origin((await serve(script)).url).request("GET", "/", [], b"", timeout=30)
+    response = await origin((await serve(script)).url).request("GET", "/", b"", b"", timeout=30)
     await asyncio.sleep(0.3)  # the server writes; we do not read
     assert response._paused and response._buffered < 2 * http1.HIGH_WATER
     assert await response.read() == piece * pieces
@@ -306,7 +306,7 @@ async def test_reading_pauses_while_the_reader_lags_and_loses_nothing(serve) -> 
 async def test_values_that_would_split_the_head_are_not_sent(serve) -> None:
     server = await serve(answer(b""))
     pool = origin(server.url + "/prefix")
-    headers = [("X-Evil", "a\r\nInjected: 1"), ("X-Ok", "é")]
+    headers = encode_headers([("X-Evil", "a\r\nInjected: 1"), ("X-Ok", "é")])
     response = await pool.request("GET", "/api/tags?a=b c", headers, b"", timeout=30)
     await response.read()
     sent = server.requests[0]
@@ -322,7 +322,7 @@ async def test_nothing_listening_is_a_connect_failure() -> None:
     server.close()
     await server.wait_closed()
     with pytest.raises(ConnectFailed):
-        await origin(f"http://127.0.0.1:{port}").request("GET", "/", [], b"", timeout=30)
+        await origin(f"http://127.0.0.1:{port}").request("GET", "/", b"", b"", timeout=30)
 
 
 def test_host_header_omits_default_ports_and_brackets_ipv6() -> None:
@@ -333,22 +333,36 @@ def test_host_header_omits_default_ports_and_brackets_ipv6() -> None:
         origin("ftp://example.test")
 
 
-def test_only_end_to_end_headers_go_upstream() -> None:
+CLIENT_HEADERS = [
+    ("Host", "evil.example"), ("Connection", "keep-alive"), ("Content-Length", "2"),
+    ("Content-Type", "application/x-www-form-urlencoded"), ("Expect", "100-continue"),
+    ("Authorization", "Bearer client-key"), ("X-Warmpool-Phase", "plan"), ("Accept", "*/*"),
+    ("X-Request-Id", "abc"), ("x-api-key", "client-key"),
+]
+
+
+async def test_only_end_to_end_headers_go_upstream(serve) -> None:
     from multidict import CIMultiDict
 
-    from warmpool.backends.ollama import OllamaBackend
+    from warmpool.backends.openai import OpenAIBackend
     from warmpool.config import config_from_mapping
 
-    cfg = config_from_mapping({"backends": {"o": {"kind": "ollama", "url": "http://127.0.0.1:1"}},
-                               "models": {"m": {"backend": "o"}}}, env={}, source="<test>")
-    client = CIMultiDict([
-        ("Host", "evil.example"), ("Connection", "keep-alive"), ("Content-Length", "9"),
-        ("Content-Type", "application/x-www-form-urlencoded"), ("Expect", "100-continue"),
-        ("Authorization", "Bearer client-key"), ("X-Warmpool-Phase", "plan"), ("Accept", "*/*"),
-        ("X-Request-Id", "abc"),
-    ])
-    assert OllamaBackend(cfg.backends["o"], cfg).upstream_headers(client) == [
-        ("Accept", "*/*"), ("X-Request-Id", "abc")]
+    server = await serve(answer(b"{}"))
+    backends = {"o": {"kind": "openai", "url": server.url, "api_key": "upstream-key"}}
+    cfg = config_from_mapping({"backends": backends, "models": {"m": {"backend": "o"}}}, env={}, source="<test>")
+    backend = OpenAIBackend(cfg.backends["o"], cfg)
+    # Control calls (aiohttp): str pairs.
+    assert backend.upstream_headers(CIMultiDict(CLIENT_HEADERS)) == [
+        ("Accept", "*/*"), ("X-Request-Id", "abc"), ("Authorization", "Bearer upstream-key")]
+    # Proxied requests: the client's raw bytes, as the server parsed them.
+    raw = tuple((name.encode(), value.encode()) for name, value in CLIENT_HEADERS)
+    response = await backend.forward(cfg.models["m"], "POST", "/v1/chat/completions", raw, b"{}")
+    await response.read()
+    await backend.close()
+    sent = server.requests[0].split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert sent[2:] == [b"Accept: */*", b"X-Request-Id: abc", b"Authorization: Bearer upstream-key",
+                        b"Content-Type: application/json", b"Content-Length: 2"]
+    assert sent[1] == b"Host: " + server.url.removeprefix("http://").encode()
 
 
 @pytest.fixture
@@ -373,10 +387,10 @@ async def test_https_upstreams_are_verified_and_spoken_to(certificate, monkeypat
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(ConnectFailed):  # not signed by anything this machine trusts
-            await origin(f"https://127.0.0.1:{port}").request("GET", "/", [], b"", timeout=30)
+            await origin(f"https://127.0.0.1:{port}").request("GET", "/", b"", b"", timeout=30)
         monkeypatch.setenv("SSL_CERT_FILE", cert)  # now it is trusted
         pool = origin(f"https://127.0.0.1:{port}")
-        response = await pool.request("GET", "/v1/models", [], b"", timeout=30)
+        response = await pool.request("GET", "/v1/models", b"", b"", timeout=30)
         assert await response.read() == b"secret"
         assert raw.requests[-1].startswith(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:")
         pool.close()

@@ -26,6 +26,7 @@ from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unauthorized, WarmpoolError
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics
+from warmpool.rawbody import upstream_body
 from warmpool.scheduler import Scheduler
 
 log = logging.getLogger("warmpool.access")
@@ -146,7 +147,7 @@ class Proxy:
         try:
             self._observe_queue(ex)
             upstream = await backend.forward(
-                ex.model, ex.request.method, path, ex.request.headers, json.dumps(body).encode(),
+                ex.model, ex.request.method, path, ex.request.raw_headers, upstream_body(body, ex.body, ex.raw),
                 query=ex.request.rel_url.raw_query_string)
             await relay.relay_into(response, upstream, backend.name, transform)
         except WarmpoolError as error:
@@ -203,7 +204,7 @@ class Proxy:
                        transform: Transform | None) -> web.StreamResponse:
         assert ex.model is not None
         upstream = await backend.forward(
-            ex.model, ex.request.method, path, ex.request.headers, serialized(body, ex),
+            ex.model, ex.request.method, path, ex.request.raw_headers, upstream_body(body, ex.body, ex.raw),
             query=ex.request.rel_url.raw_query_string)
         return await relay.relay(ex.request, upstream, backend.name, ex.tag, transform,
                                  on_first_byte=self._first_byte_observer(ex))
@@ -274,15 +275,6 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data
-
-
-def serialized(body: dict[str, Any], ex: Exchange) -> bytes:
-    """The upstream body: the client's own bytes when nothing in it changed (the model already had its
-    upstream name), else re-serialised. Only plain UTF-8 goes as it is (no BOM, no UTF-16/32)."""
-    raw = ex.raw
-    if body == ex.body and raw[:1] not in (b"\xef", b"\xfe", b"\xff") and b"\x00" not in raw[:4]:
-        return raw
-    return json.dumps(body).encode()
 
 
 def error_response(error: WarmpoolError, dialect: str) -> web.Response:

@@ -10,13 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
 
-from warmpool.backends.http1 import ConnectFailed, Origin, Response, UpstreamBroken
+from warmpool.backends.http1 import (
+    ConnectFailed,
+    Origin,
+    Response,
+    UpstreamBroken,
+    encode_headers,
+    forwardable,
+)
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BackendTimeout
 
@@ -32,6 +39,8 @@ HOP_BY_HOP = frozenset({
 # form type would lie); and Expect: 100-continue, since warmpool already holds the whole body and sends it
 # with the head.
 NOT_FORWARDED = HOP_BY_HOP | {"content-type", "expect"}
+NOT_FORWARDED_RAW = frozenset(name.encode() for name in NOT_FORWARDED)
+JSON_TYPE = b"Content-Type: application/json\r\n"
 
 
 @dataclass(slots=True)
@@ -72,6 +81,7 @@ class Backend:
         self.healthy_once = False
         self._session: aiohttp.ClientSession | None = None
         self._origins: dict[str, Origin] = {}
+        self._own_block = encode_headers(self.own_headers())
         self._prober: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -127,24 +137,28 @@ class Backend:
         """The body to send upstream: the model renamed to what the backend knows it as."""
         return {**body, "model": model.upstream_name}
 
+    def own_headers(self) -> list[tuple[str, str]]:
+        """Headers this backend adds to every request (an API key, for one)."""
+        return []
+
     def upstream_headers(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
-        """The client's headers minus hop-by-hop ones; Host is recomputed from the upstream URL."""
-        return [(k, v) for k, v in headers.items() if k.lower() not in NOT_FORWARDED]
+        """The client's headers minus hop-by-hop ones, plus the backend's own; Host is recomputed from the
+        upstream URL. (Proxied requests take forward()'s byte-level path to the same result.)"""
+        return [(k, v) for k, v in headers.items() if k.lower() not in NOT_FORWARDED] + self.own_headers()
 
     async def forward(
-        self, model: ModelConfig | None, method: str, path: str, headers: Mapping[str, str], body: bytes,
-        *, query: str = "",
+        self, model: ModelConfig | None, method: str, path: str, raw_headers: Iterable[tuple[bytes, bytes]],
+        body: bytes, *, query: str = "",
     ) -> Response:
-        """Send the request upstream; return the response with its body unread (the caller must close it)."""
+        """Send the request upstream with the client's raw headers (minus hop-by-hop ones); return the
+        response with its body unread (the caller must close it)."""
         base = self.base_url(model)
         origin = self._origins.get(base) or self._origin(base)
         target = f"{path}?{query}" if query else path
-        hdrs = self.upstream_headers(headers)
-        if body:
-            hdrs.append(("Content-Type", "application/json"))
+        headers = forwardable(raw_headers, NOT_FORWARDED_RAW) + self._own_block + (JSON_TYPE if body else b"")
         first_byte = self.app_config.timeouts.first_byte
         try:
-            return await origin.request(method, target, hdrs, body, timeout=first_byte)
+            return await origin.request(method, target, headers, body, timeout=first_byte)
         except TimeoutError:
             reason = f"no response within {first_byte:g} s ({method} {base}{target})"
             raise BackendTimeout(self.name, reason) from None

@@ -13,6 +13,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Iterable
 from urllib.parse import quote
 
 from yarl import URL
@@ -51,10 +52,11 @@ class Origin:
         self.idle_timeout = idle_timeout
         self._idle: list[Connection] = []
 
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes, *,
+    async def request(self, method: str, target: str, headers: bytes, body: bytes, *,
                       timeout: float) -> Response:
         """Send one request and wait for the head of its answer; the body is read from the Response.
-        TimeoutError when no head arrived within `timeout` seconds, connecting included."""
+        `headers` is an encoded block (see encode_headers, forwardable); Host and Content-Length are
+        added here. TimeoutError when no head arrived within `timeout` seconds, connecting included."""
         deadline = asyncio.get_running_loop().time() + timeout
         head = self._head(method, target, headers, body)
         for attempt in range(2):
@@ -82,18 +84,14 @@ class Origin:
             connection.abort()
         self._idle.clear()
 
-    def _head(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    def _head(self, method: str, target: str, headers: bytes, body: bytes) -> bytes:
         target = self.prefix + target
         if not target.isascii() or any(c in target for c in " \t\r\n#"):
             target = quote(target, safe=SAFE_TARGET)
-        lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        for name, value in headers:
-            if "\r" not in value and "\n" not in value:  # never let a value split the head
-                lines.append(f"{name}: {value}\r\n")
-        if body or method in ("POST", "PUT", "PATCH", "DELETE"):
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+        sends_body = body or method in ("POST", "PUT", "PATCH", "DELETE")
+        length = f"Content-Length: {len(body)}\r\n" if sends_body else ""
+        start = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+        return b"%s%s%s\r\n" % (start.encode("ascii"), headers, length.encode("ascii"))
 
     def _checkout(self) -> Connection | None:
         now = time.monotonic()
@@ -127,6 +125,23 @@ class Origin:
         except OSError as exc:
             raise ConnectFailed(exc.strerror or str(exc)) from exc
         return connection
+
+
+def encode_headers(pairs: Iterable[tuple[str, str]]) -> bytes:
+    """A header block for Origin.request; a name or value that would split the head is left out."""
+    lines = [f"{name}: {value}\r\n" for name, value in pairs if _fits(name) and _fits(value)]
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def forwardable(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> bytes:
+    """The header block of a client's raw headers (as its server parsed them) minus the names in `drop`
+    (lower case): their bytes pass unchanged, with no decoding and encoding on the way."""
+    return b"".join([b"%s: %s\r\n" % (name, value) for name, value in raw
+                     if name.lower() not in drop and b"\r" not in value and b"\n" not in value])
+
+
+def _fits(text: str) -> bool:
+    return "\r" not in text and "\n" not in text
 
 
 class Connection(asyncio.Protocol):

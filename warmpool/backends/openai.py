@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from warmpool.backends.base import Backend, ResidentModel, read_json, send
 from warmpool.config import ModelConfig
 from warmpool.errors import BackendError
@@ -16,11 +14,8 @@ class OpenAIBackend(Backend):
     def base_url(self, model: ModelConfig | None) -> str:
         return self.config.url.rstrip("/")  # type: ignore[union-attr]
 
-    def upstream_headers(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
-        out = super().upstream_headers(headers)
-        if self.config.api_key:
-            out.append(("Authorization", f"Bearer {self.config.api_key}"))
-        return out
+    def own_headers(self) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {self.config.api_key}")] if self.config.api_key else []
 
     async def health(self) -> bool:
         try:
