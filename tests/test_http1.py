@@ -396,3 +396,22 @@ async def test_https_upstreams_are_verified_and_spoken_to(certificate, monkeypat
         pool.close()
     finally:
         server.close()
+
+
+async def test_origins_of_servers_that_went_away_are_forgotten(serve) -> None:
+    from warmpool.backends.openai import OpenAIBackend
+    from warmpool.config import config_from_mapping
+
+    old, new = await serve(answer(b"{}")), await serve(answer(b"{}"))
+    cfg = config_from_mapping({"backends": {"o": {"kind": "openai", "url": old.url}},
+                               "models": {"m": {"backend": "o"}}}, env={}, source="<test>")
+    backend = OpenAIBackend(cfg.backends["o"], cfg)
+    await (await backend.forward(cfg.models["m"], "GET", "/v1/models", (), b"")).read()
+    assert backend._origins[old.url].open_connections == 1  # idle, kept for reuse
+    backend._origins[old.url].close()  # the server went away (a managed process stopped)
+    await asyncio.sleep(0.05)
+    assert backend._origins[old.url].open_connections == 0
+    backend.base_url = lambda model: new.url  # as a restarted llama.cpp server on a new port
+    await (await backend.forward(cfg.models["m"], "GET", "/v1/models", (), b"")).read()
+    assert list(backend._origins) == [new.url]
+    await backend.close()

@@ -168,6 +168,9 @@ class Backend:
             raise BackendError(self.name, f"connection dropped ({method} {base}{target}): {exc}") from exc
 
     def _origin(self, base: str) -> Origin:
+        # A managed llama.cpp server gets a new port at every start: forget origins nothing uses any more.
+        for unused in [url for url, origin in self._origins.items() if origin.open_connections == 0]:
+            del self._origins[unused]
         timeouts = self.app_config.timeouts
         origin = Origin(base, connect_timeout=timeouts.connect, idle_timeout=timeouts.idle)
         self._origins[base] = origin

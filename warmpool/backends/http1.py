@@ -51,6 +51,7 @@ class Origin:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self._idle: list[Connection] = []
+        self.open_connections = 0  # idle or carrying a request
 
     async def request(self, method: str, target: str, headers: bytes, body: bytes, *,
                       timeout: float) -> Response:
@@ -156,6 +157,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.origin.open_connections += 1
 
     def send(self, data: bytes, *, expect_body: bool) -> Response:
         assert self.transport is not None and self.response is None
@@ -174,6 +176,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.origin.open_connections -= 1
         self.origin.discard(self)
         if self.response is not None:
             self.response.lost(exc)
