@@ -349,7 +349,8 @@ async def test_only_end_to_end_headers_go_upstream(serve) -> None:
 
     server = await serve(answer(b"{}"))
     backends = {"o": {"kind": "openai", "url": server.url, "api_key": "upstream-key"}}
-    cfg = config_from_mapping({"backends": backends, "models": {"m": {"backend": "o"}}}, env={}, source="<test>")
+    cfg = config_from_mapping({"backends": backends, "models": {"m": {"backend": "o"}}},
+                              env={}, source="<test>")
     backend = OpenAIBackend(cfg.backends["o"], cfg)
     # Control calls (aiohttp): str pairs.
     assert backend.upstream_headers(CIMultiDict(CLIENT_HEADERS)) == [
