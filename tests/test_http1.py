@@ -416,3 +416,20 @@ async def test_origins_of_servers_that_went_away_are_forgotten(serve) -> None:
     await (await backend.forward(cfg.models["m"], "GET", "/v1/models", (), b"")).read()
     assert list(backend._origins) == [new.url]
     await backend.close()
+
+
+async def test_repeated_headers_are_kept_in_order_and_joined_when_asked_for(serve) -> None:
+    head = (b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-Name: caf\xc3\xa9\r\n"
+            b"set-cookie: b=2\r\nContent-Length: 0\r\n\r\n")
+    server = await serve(sent_in([head]))
+    response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+    assert response.headers == [("Set-Cookie", "a=1"), ("X-Name", "café"), ("set-cookie", "b=2"),
+                                ("Content-Length", "0")]
+    assert response.header("SET-COOKIE") == "a=1, b=2" and response.header("x-name") == "café"
+
+
+async def test_a_doubled_content_length_is_refused(serve) -> None:
+    server = await serve(sent_in([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc"],
+                                 pause=5))
+    with pytest.raises(UpstreamBroken, match="Content-Length"):
+        await origin(server.url).request("GET", "/", b"", b"", timeout=30)

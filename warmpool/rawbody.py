@@ -51,8 +51,12 @@ def with_model(raw: bytes, old: str, new: str) -> bytes | None:
 
 def _only_model_differs(body: dict[str, Any], client_body: dict[str, Any]) -> bool:
     # Values are the very objects of the client's body (a shallow copy), so identity is the test.
-    return body.keys() == client_body.keys() and all(
-        value is client_body[key] for key, value in body.items() if key != "model")
+    if body.keys() != client_body.keys():
+        return False
+    for key, value in body.items():
+        if value is not client_body[key] and key != "model":
+            return False
+    return True
 
 
 def _plain_utf8(raw: bytes) -> bool:

@@ -10,6 +10,7 @@ use aiohttp. Bodies are passed through untouched: chunked transfer coding is und
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -25,6 +26,7 @@ HIGH_WATER = 256 * 1024  # body bytes buffered before reading from the upstream 
 KEEPALIVE_SECONDS = 4.0
 NO_BODY_STATUSES = frozenset({204, 304})
 SAFE_TARGET = "/?&=%:+,;@!$'()*~-._"
+UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")  # non-ASCII, spaces, controls, a fragment
 
 
 class UpstreamBroken(Exception):
@@ -87,7 +89,7 @@ class Origin:
 
     def _head(self, method: str, target: str, headers: bytes, body: bytes) -> bytes:
         target = self.prefix + target
-        if not target.isascii() or any(c in target for c in " \t\r\n#"):
+        if UNSAFE_IN_TARGET.search(target):
             target = quote(target, safe=SAFE_TARGET)
         sends_body = body or method in ("POST", "PUT", "PATCH", "DELETE")
         length = f"Content-Length: {len(body)}\r\n" if sends_body else ""
@@ -211,7 +213,8 @@ class Response:
     def __init__(self, connection: Connection, expect_body: bool, idle_timeout: float) -> None:
         self.status = 0
         self.reason = ""
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[str, str]] = []  # as sent, in order
+        self._fields: dict[str, str] = {}  # by lower-case name
         self.content_length: int | None = None
         self.nothing_received = True
         self._connection: Connection | None = connection
@@ -239,11 +242,8 @@ class Response:
             await self._wait(deadline - asyncio.get_running_loop().time())
 
     def header(self, name: str) -> str | None:
-        lowered = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lowered:
-                return value
-        return None
+        """A header's value (repeated ones joined with ", "), or None."""
+        return self._fields.get(name.lower())
 
     async def readany(self) -> bytes:
         """The body bytes that have arrived since the last call, waiting for some if none have;
@@ -358,10 +358,10 @@ class Response:
             self._parse_head(head)
             if self.status >= 200:
                 break
-            self.headers = []  # an interim 1xx answer: the real one follows
+            self.headers, self._fields = [], {}  # an interim 1xx answer: the real one follows
         self._buffer = b""
+        self._choose_framing()  # may refuse the head: only then is it done
         self._head_done = True
-        self._choose_framing()
         return buffer
 
     def _parse_head(self, head: bytes) -> None:
@@ -373,12 +373,17 @@ class Response:
         self.status, self.reason = int(code), reason
         if version == "HTTP/1.0":
             self._keep_alive = False
-        headers = self.headers = []
+        headers, fields = self.headers, self._fields
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
                 raise UpstreamBroken(f"malformed response header: {line[:80]!r}")
-            headers.append((name, _utf8(value.strip())))
+            value = value.strip()
+            if not value.isascii():
+                value = _utf8(value)
+            headers.append((name, value))
+            lowered = name.lower()
+            fields[lowered] = f"{fields[lowered]}, {value}" if lowered in fields else value
 
     def _choose_framing(self) -> None:
         transfer = self.header("Transfer-Encoding")
@@ -463,8 +468,6 @@ class Response:
 
 def _utf8(value: str) -> str:
     """Header values are read as Latin-1 (every byte survives); UTF-8 ones are turned back into text."""
-    if value.isascii():
-        return value
     try:
         return value.encode("latin-1").decode("utf-8")
     except UnicodeDecodeError:
