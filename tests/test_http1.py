@@ -279,6 +279,8 @@ async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
     b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nx\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nxy\r\n",
 ])
 async def test_what_is_not_http_is_refused(serve, reply: bytes) -> None:
     server = await serve(sent_in([reply], pause=5))

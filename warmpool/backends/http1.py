@@ -27,6 +27,7 @@ KEEPALIVE_SECONDS = 4.0
 NO_BODY_STATUSES = frozenset({204, 304})
 SAFE_TARGET = "/?&=%:+,;@!$'()*~-._"
 UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")  # non-ASCII, spaces, controls, a fragment
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # int(x, 16) alone would take "-1", "+5", "0x1f", "1_0"
 
 
 class UpstreamBroken(Exception):
@@ -333,10 +334,7 @@ class Response:
 
     def _fail(self, error: UpstreamBroken) -> None:
         self._error = error
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.response = None
-            connection.abort()
+        self.close()  # what it sent cannot be trusted, nor anything after it
         self._wake()
 
     def _finish(self) -> None:
@@ -393,7 +391,7 @@ class Response:
             self._keep_alive = False
         elif "keep-alive" in connection:
             self._keep_alive = True
-        if not self._expect_body or self.status in NO_BODY_STATUSES or 100 <= self.status < 200:
+        if not self._expect_body or self.status in NO_BODY_STATUSES:
             self.content_length = 0
             self._done = True
         elif transfer is not None:
@@ -450,10 +448,9 @@ class Response:
             position = end + 2
             if self._step == SIZE:
                 digits = line.split(b";", 1)[0].strip()
-                try:
-                    self._remaining = int(digits, 16)
-                except ValueError:
-                    raise UpstreamBroken(f"invalid chunk size: {line[:40]!r}") from None
+                if not CHUNK_SIZE.fullmatch(digits):
+                    raise UpstreamBroken(f"invalid chunk size: {line[:40]!r}")
+                self._remaining = int(digits, 16)
                 self._step = DATA if self._remaining else TRAILER
             elif self._step == DATA_END:
                 if line:
