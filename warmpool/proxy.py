@@ -22,6 +22,7 @@ from warmpool import auth, feedback, listings, relay, routing, translate, transl
 from warmpool.backends.ollama import ollama_keep_alive
 from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.backends.base import Backend
+from warmpool.backends.http1 import Response
 from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unauthorized, WarmpoolError
 from warmpool.logs import new_request_id
@@ -53,6 +54,14 @@ class Exchange:
             response.headers[MODEL_HEADER] = self.model.name
         if self.phase is not None:
             response.headers[PHASE_HEADER] = self.phase
+
+    async def send(self, backend: Backend, path: str, body: dict[str, Any]) -> Response:
+        """Forward the request to `backend` at `path`: the client's raw headers and query, and `body`
+        made from the client's bytes where it can be."""
+        assert self.model is not None
+        return await backend.forward(self.model, self.request.method, path, self.request.raw_headers,
+                                     upstream_body(body, self.body, self.raw),
+                                     query=self.request.rel_url.raw_query_string)
 
 
 class Proxy:
@@ -146,9 +155,7 @@ class Proxy:
             return response
         try:
             self._observe_queue(ex)
-            upstream = await backend.forward(
-                ex.model, ex.request.method, path, ex.request.raw_headers, upstream_body(body, ex.body, ex.raw),
-                query=ex.request.rel_url.raw_query_string)
+            upstream = await ex.send(backend, path, body)
             await relay.relay_into(response, upstream, backend.name, transform)
         except WarmpoolError as error:
             await relay.report_in_stream(response, error)
@@ -202,10 +209,7 @@ class Proxy:
 
     async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
                        transform: Transform | None) -> web.StreamResponse:
-        assert ex.model is not None
-        upstream = await backend.forward(
-            ex.model, ex.request.method, path, ex.request.raw_headers, upstream_body(body, ex.body, ex.raw),
-            query=ex.request.rel_url.raw_query_string)
+        upstream = await ex.send(backend, path, body)
         return await relay.relay(ex.request, upstream, backend.name, ex.tag, transform,
                                  on_first_byte=self._first_byte_observer(ex))
 

@@ -141,11 +141,6 @@ class Backend:
         """Headers this backend adds to every request (an API key, for one)."""
         return []
 
-    def upstream_headers(self, headers: Mapping[str, str]) -> list[tuple[str, str]]:
-        """The client's headers minus hop-by-hop ones, plus the backend's own; Host is recomputed from the
-        upstream URL. (Proxied requests take forward()'s byte-level path to the same result.)"""
-        return [(k, v) for k, v in headers.items() if k.lower() not in NOT_FORWARDED] + self.own_headers()
-
     async def forward(
         self, model: ModelConfig | None, method: str, path: str, raw_headers: Iterable[tuple[bytes, bytes]],
         body: bytes, *, query: str = "",
