@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+Child = TypeVar("Child")
 
 # `*_created` series double the series count and no dashboard reads them.
 disable_created_metrics()
@@ -83,21 +85,33 @@ class Metrics:
         self.registry.register(StateCollector(sources))
 
 
-class LoopCounter(Collector):
-    """A labelled counter for the event loop's thread only: plain numbers, no lock. prometheus_client's
+class LoopFamily(Collector, Generic[Child]):
+    """A labelled metric for the event loop's thread only: plain numbers, no lock. prometheus_client's
     take a lock per increment (and a histogram one per bucket), which the data path paid four times per
-    request; here every update and every scrape runs on the loop, so none is needed. Exposed exactly as
-    prometheus_client would (`<name>_total`)."""
+    request; here every update and every scrape runs on the loop, so none is needed. Subclasses expose
+    their children exactly as prometheus_client would."""
 
-    def __init__(self, name: str, doc: str, labelnames: list[str], registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, doc: str, labelnames: list[str], registry: CollectorRegistry,
+                 new_child: Callable[[], Child]) -> None:
         self.name, self.doc, self.labelnames = name, doc, labelnames
-        self.children: dict[tuple[str, ...], CounterChild] = {}
+        self.children: dict[tuple[str, ...], Child] = {}
+        self._new_child = new_child
         registry.register(self)
 
-    def labels(self, *values: str) -> CounterChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        return self.children.setdefault(tuple(values), CounterChild())
+    def labels(self, *values: str) -> Child:
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self.children[values] = self._new_child()
+        return child
+
+
+class LoopCounter(LoopFamily["CounterChild"]):
+    """A LoopFamily of counters (`<name>_total`)."""
+
+    def __init__(self, name: str, doc: str, labelnames: list[str], registry: CollectorRegistry) -> None:
+        super().__init__(name, doc, labelnames, registry, CounterChild)
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
@@ -116,20 +130,13 @@ class CounterChild:
         self.value += amount
 
 
-class LoopHistogram(Collector):
-    """A labelled histogram for the event loop's thread only (see LoopCounter)."""
+class LoopHistogram(LoopFamily["HistogramChild"]):
+    """A LoopFamily of histograms (`_bucket`, `_count`, `_sum`)."""
 
     def __init__(self, name: str, doc: str, labelnames: list[str], buckets: tuple[float, ...],
                  registry: CollectorRegistry) -> None:
-        self.name, self.doc, self.labelnames = name, doc, labelnames
         self.bounds = (*buckets, float("inf"))
-        self.children: dict[tuple[str, ...], HistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        return self.children.setdefault(tuple(values), HistogramChild(self.bounds))
+        super().__init__(name, doc, labelnames, registry, lambda: HistogramChild(self.bounds))
 
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
