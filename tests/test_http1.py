@@ -99,6 +99,15 @@ def sent_in(parts: list[bytes], pause: float = 0.0) -> Script:
     return script
 
 
+def sent_then_closed(data: bytes) -> Script:
+    """Write `data` and close the connection."""
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+    return script
+
+
 CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: application/x-ndjson\r\n\r\n"
            b"7\r\n{\"a\":1}\r\n"
            b"A;ext=1\r\n{\"b\":22}\n\n\r\n"
@@ -154,12 +163,7 @@ async def test_chunks_are_handed_on_as_they_arrive(serve) -> None:
 
 
 async def test_a_body_without_length_runs_until_close(serve) -> None:
-    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
-        await writer.drain()
-        writer.close()
-
-    server = await serve(script)
+    server = await serve(sent_then_closed(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"))
     pool = origin(server.url)
     for _ in range(2):
         response = await pool.request("GET", "/", b"", b"", timeout=30)
@@ -262,12 +266,8 @@ async def test_silence_after_the_head_is_a_timeout(serve) -> None:
 
 
 async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
-    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await writer.drain()
-        writer.close()
-
-    response = await origin((await serve(script)).url).request("GET", "/", b"", b"", timeout=30)
+    server = await serve(sent_then_closed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
+    response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
     with pytest.raises(UpstreamBroken, match="mid-response"):
         await response.read()
 
