@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from warmpool import admin, residency, routing
+from warmpool import admin, aiohttp_lane, residency, routing
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
 from warmpool.backends.ollama import OllamaBackend
@@ -53,9 +53,10 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     app.cleanup_ctx.append(_backends_lifecycle)
     app.on_shutdown.append(_stop_admitting)
     admin.add_routes(app, cfg, backends, scheduler, metrics, tier)
+    handle = aiohttp_lane.handler(proxy.handle, cfg.max_body_size)
     for path in sorted(routing.INFERENCE | routing.MODEL_ADMIN | routing.LISTINGS):
-        app.router.add_route("*", path, proxy.handle)  # a fixed path resolves in one dict lookup
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+        app.router.add_route("*", path, handle)  # a fixed path resolves in one dict lookup
+    app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+
+from warmpool.clientside import HeaderLookup
 
 
-def bearer(headers: Mapping[str, str], *, x_api_key: bool = False) -> bytes:
+def bearer(headers: HeaderLookup, *, x_api_key: bool = False) -> bytes:
     """The key a request presents: `Authorization: Bearer KEY`, or (for API clients that use it) `x-api-key`."""
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":

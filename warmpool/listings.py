@@ -13,13 +13,12 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from aiohttp import web
-
 from warmpool import translate
 from warmpool.backends.base import Backend
 from warmpool.backends.ollama import OllamaBackend, tagged
+from warmpool.clientside import Answer
 from warmpool.config import Config, ModelConfig
-from warmpool.errors import BadRequest, BackendError, ModelNotFound
+from warmpool.errors import BackendError, BadRequest, ModelNotFound
 from warmpool.routing import model_aliases
 from warmpool.scheduler import Scheduler
 
@@ -32,19 +31,18 @@ FOREVER = timedelta(days=365 * 292)
 T = TypeVar("T")
 
 
-async def answer(path: str, request: web.Request, cfg: Config, backends: dict[str, Backend],
-                 scheduler: Scheduler) -> web.StreamResponse:
+async def answer(path: str, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler) -> Answer:
     if path == "/":
-        return web.Response(text="Ollama is running")
+        return Answer.text("Ollama is running")
     if path == "/api/version":
-        return web.json_response({"version": await _ollama_version(backends)})
+        return Answer.json({"version": await _ollama_version(backends)})
     if path == "/api/tags":
-        return web.json_response({"models": await _tags(cfg, backends)})
+        return Answer.json({"models": await _tags(cfg, backends)})
     if path == "/api/ps":
-        return web.json_response({"models": await _ps(cfg, backends)})
+        return Answer.json({"models": await _ps(cfg, backends)})
     if path.startswith("/v1/models/"):
-        return web.json_response(_openai_model(cfg, path[len("/v1/models/"):]))
-    return web.json_response({"object": "list", "data": _openai_models(cfg)})
+        return Answer.json(_openai_model(cfg, path[len("/v1/models/"):]))
+    return Answer.json({"object": "list", "data": _openai_models(cfg)})
 
 
 async def _ollama_version(backends: dict[str, Backend]) -> str:
@@ -133,15 +131,15 @@ def digest_of(model: ModelConfig) -> str:
     return hashlib.sha256(f"{model.backend}/{model.upstream_name}/{model.gguf}".encode()).hexdigest()
 
 
-def model_admin_answer(path: str, model: ModelConfig, body: dict[str, Any]) -> web.Response:
+def model_admin_answer(path: str, model: ModelConfig, body: dict[str, Any]) -> Answer:
     """show / pull / copy / delete for a model that is not on an Ollama server."""
     if path == "/api/show":
-        return web.json_response(_show(model))
+        return Answer.json(_show(model))
     if path == "/api/pull":
         done = {"status": "success"}
         if body.get("stream", True) is False:
-            return web.json_response(done)
-        return web.Response(body=translate_line(done), content_type="application/x-ndjson")
+            return Answer.json(done)
+        return Answer(translate_line(done), "application/x-ndjson")
     verb = path.rsplit("/", 1)[-1]
     raise BadRequest(f"model '{model.name}' is served from a {model.backend!r} backend that warmpool manages; "
                      f"{verb} works only for models on an Ollama server")

@@ -1,5 +1,6 @@
-"""The data path: one aiohttp handler that routes, leases, forwards and relays, and renders every error
-in the client's dialect.
+"""The data path: one handler that routes, leases, forwards and relays, and renders every error in the
+client's dialect. It sees the client only through `clientside.Incoming` and `clientside.Reply`, so the
+front door and aiohttp's server both carry it.
 
 Streams are relayed chunk by chunk as they arrive; nothing is buffered. An Ollama-dialect request for a
 model on an OpenAI-speaking backend (managed llama.cpp, openai) is translated on the way in and out.
@@ -11,24 +12,22 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 from warmpool import auth, feedback, listings, relay, routing, translate, translate_native
-from warmpool.backends.ollama import ollama_keep_alive
-from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.backends.base import Backend
 from warmpool.backends.http1 import Response
+from warmpool.backends.ollama import ollama_keep_alive
+from warmpool.clientside import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.config import Config, ModelConfig, parse_duration
-from warmpool.errors import BadRequest, ModelNotFound, PayloadTooLarge, Unauthorized, WarmpoolError
+from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics
 from warmpool.rawbody import upstream_body
 from warmpool.scheduler import Scheduler
+from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 
 log = logging.getLogger("warmpool.access")
 MODEL_HEADER = "X-Warmpool-Model"
@@ -39,7 +38,8 @@ PHASE_HEADER = routing.PHASE_HEADER
 class Exchange:
     """What one request carries through the data path; filled in as it goes."""
 
-    request: web.Request
+    request: Incoming
+    reply: Reply
     dialect: str
     started: float
     body: dict[str, Any] = field(default_factory=dict)
@@ -48,12 +48,15 @@ class Exchange:
     phase: str | None = None
     queue_wait: float = 0.0
 
-    def tag(self, response: web.StreamResponse) -> None:
-        """Name the model (and the phase that chose it) on every response about a model."""
-        if self.model is not None:
-            response.headers[MODEL_HEADER] = self.model.name
+    def tags(self) -> Headers:
+        """The headers that name the model (and the phase that chose it) on every answer about a model."""
+        tags = [] if self.model is None else [(MODEL_HEADER, self.model.name)]
         if self.phase is not None:
-            response.headers[PHASE_HEADER] = self.phase
+            tags.append((PHASE_HEADER, self.phase))
+        return tags
+
+    async def answer(self, answer: Answer) -> None:
+        await answer.send(self.reply, self.tags())
 
     async def send(self, backend: Backend, path: str, body: dict[str, Any]) -> Response:
         """Forward the request to `backend` at `path`: the client's raw headers and query, and `body`
@@ -61,7 +64,7 @@ class Exchange:
         assert self.model is not None
         return await backend.forward(self.model, self.request.method, path, self.request.raw_headers,
                                      upstream_body(body, self.body, self.raw),
-                                     query=self.request.rel_url.raw_query_string)
+                                     query=self.request.query)
 
 
 class Proxy:
@@ -76,32 +79,40 @@ class Proxy:
         self.aliases = routing.model_aliases(cfg)
         self.api_keys = [k.encode() for k in cfg.auth.api_keys]
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: Incoming, reply: Reply) -> None:
+        """Answer `request` into `reply`; every failure becomes an answer in the client's dialect."""
         new_request_id(request.headers.get("X-Request-Id"))
-        ex = Exchange(request, routing.dialect_of(request.path), time.monotonic())
+        ex = Exchange(request, reply, routing.dialect_of(request.path), time.monotonic())
         try:
-            response = await self._dispatch(ex)
+            await self._dispatch(ex)
         except WarmpoolError as error:
-            response = error_response(error, ex.dialect)
-            ex.tag(response)
+            await self._fail(ex, error, ex.tags())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client left; nothing to answer
         except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the proxy
             log.exception("internal error on %s %s", ex.request.method, ex.request.path)
-            response = error_response(WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), ex.dialect)
-        self._account(ex, response)
-        return response
+            await self._fail(ex, WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), [])
+        self._account(ex)
 
-    async def _dispatch(self, ex: Exchange) -> web.StreamResponse:
+    async def _fail(self, ex: Exchange, error: WarmpoolError, tags: Headers) -> None:
+        if ex.reply.started:
+            # The head already went out and the body cannot carry an error (not a stream): drop the
+            # connection, so a client cannot take the cut body for a whole one.
+            log.warning("%s %s: %s; connection dropped mid-answer", ex.request.method, ex.request.path, error)
+            ex.reply.abort()
+            return
+        await error_answer(error, ex.dialect).send(ex.reply, tags)
+
+    async def _dispatch(self, ex: Exchange) -> None:
         path, method = ex.request.path, ex.request.method
         if not routing.is_known_path(path):
             raise ModelNotFound(f"{method} {path}: no such endpoint")  # 404 in the client's dialect
         if method not in routing.allowed_methods(path):
             raise MethodNotAllowed(f"{method} not allowed on {path}")
-        check_api_key(ex.request, self.api_keys)
+        check_api_key(ex.request.headers, self.api_keys)
         if path in routing.LISTINGS or routing.is_model_entry(path):
-            return await listings.answer(path, ex.request, self.cfg, self.backends, self.scheduler)
-        ex.raw = await read_body(ex.request, self.cfg.max_body_size)
+            return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
+        ex.raw = await ex.request.read()
         ex.body = parse_json(ex.raw)
         choice = routing.choose_model(
             self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
@@ -111,18 +122,16 @@ class Proxy:
             return await self._model_admin(ex, backend)
         return await self._inference(ex, backend)
 
-    async def _model_admin(self, ex: Exchange, backend: Backend) -> web.StreamResponse:
+    async def _model_admin(self, ex: Exchange, backend: Backend) -> None:
         """show / pull / copy / delete: forwarded to Ollama; answered by warmpool for other backends."""
         assert ex.model is not None
         if backend.speaks != "ollama":
-            response = listings.model_admin_answer(ex.request.path, ex.model, ex.body)
-            ex.tag(response)
-            return response
+            return await ex.answer(listings.model_admin_answer(ex.request.path, ex.model, ex.body))
         body = {**ex.body, routing.model_field(ex.request.path): ex.model.upstream_name}
         body.pop("name", None)
         return await self._forward(ex, backend, ex.request.path, body, transform=None)
 
-    async def _inference(self, ex: Exchange, backend: Backend) -> web.StreamResponse:
+    async def _inference(self, ex: Exchange, backend: Backend) -> None:
         assert ex.model is not None
         if ex.dialect == "ollama" and translate.is_ollama_preload(ex.request.path, ex.body):
             return await self._load_or_unload(ex)
@@ -140,37 +149,34 @@ class Proxy:
             ex.request.headers.get(feedback.HEADER), self.cfg.loading_feedback)
 
     async def _inference_with_feedback(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
-                                       transform: Transform | None) -> web.StreamResponse:
+                                       transform: Transform | None) -> None:
         """Open the stream now and tell the client what it waits for; then relay into that stream."""
         assert ex.model is not None
         pool = self.scheduler.pool_of(ex.model.name)
-        response = web.StreamResponse(headers={"Content-Type": feedback.content_type(ex.dialect)})
-        ex.tag(response)
-        await response.prepare(ex.request)
+        await ex.reply.start(200, "", [("Content-Type", feedback.content_type(ex.dialect)), *ex.tags()], None)
         self._first_byte_observer(ex)()
         try:
-            ex.queue_wait = await self._wait_with_feedback(ex, pool, response)
+            ex.queue_wait = await self._wait_with_feedback(ex, pool)
         except WarmpoolError as error:
-            await relay.report_in_stream(response, error)
-            return response
+            await relay.report_in_stream(ex.reply, error)
+            return
         try:
             self._observe_queue(ex)
             upstream = await ex.send(backend, path, body)
-            await relay.relay_into(response, upstream, backend.name, transform)
+            await relay.relay_into(ex.reply, upstream, backend.name, transform)
         except WarmpoolError as error:
-            await relay.report_in_stream(response, error)
+            await relay.report_in_stream(ex.reply, error)
         finally:
             pool.release(ex.model.name)
-        return response
 
-    async def _wait_with_feedback(self, ex: Exchange, pool: Any, response: web.StreamResponse) -> float:
+    async def _wait_with_feedback(self, ex: Exchange, pool: Any) -> float:
         assert ex.model is not None
         name = ex.model.name
         waiting = asyncio.ensure_future(pool.acquire(name))
         try:
             while not (await asyncio.wait({waiting}, timeout=feedback.INTERVAL))[0]:
                 line = feedback.line(ex.request.path, name, pool.describe_wait(name), time.monotonic() - ex.started)
-                await response.write(line)
+                await ex.reply.write(line)
             return waiting.result()
         except BaseException:
             if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
@@ -179,7 +185,7 @@ class Proxy:
                 waiting.cancel()  # the client left: leave the queue, cause no load
             raise
 
-    async def _load_or_unload(self, ex: Exchange) -> web.StreamResponse:
+    async def _load_or_unload(self, ex: Exchange) -> None:
         """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,
         so it does either through its scheduler (keeping its view true) instead of forwarding."""
         assert ex.model is not None
@@ -189,9 +195,7 @@ class Proxy:
             await pool.unload(ex.model.name, self.cfg.scheduler.queue_timeout)
         else:
             ex.queue_wait = await pool.load(ex.model.name)
-        response = web.json_response(translate.ollama_preload_response(ex.request.path, ex.model.name, unload=unload))
-        ex.tag(response)
-        return response
+        await ex.answer(Answer.json(translate.ollama_preload_response(ex.request.path, ex.model.name, unload=unload)))
 
     def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
         assert ex.model is not None
@@ -208,10 +212,10 @@ class Proxy:
         return path, body, None
 
     async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
-                       transform: Transform | None) -> web.StreamResponse:
+                       transform: Transform | None) -> None:
         upstream = await ex.send(backend, path, body)
-        return await relay.relay(ex.request, upstream, backend.name, ex.tag, transform,
-                                 on_first_byte=self._first_byte_observer(ex))
+        await relay.relay(ex.reply, upstream, backend.name, ex.tags(), transform,
+                          on_first_byte=self._first_byte_observer(ex))
 
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
         def observe() -> None:
@@ -225,18 +229,18 @@ class Proxy:
             waited = self.metrics.child(self.metrics.queue_wait, ex.model.backend, ex.model.name)
             waited.observe(ex.queue_wait)
 
-    def _account(self, ex: Exchange, response: web.StreamResponse) -> None:
+    def _account(self, ex: Exchange) -> None:
         seconds = time.monotonic() - ex.started
         model = ex.model.name if ex.model else ""
+        status = ex.reply.status
         if self.metrics and ex.model is not None:
-            status = str(response.status)
-            self.metrics.child(self.metrics.requests, model, ex.phase or "", ex.dialect, status).inc()
+            self.metrics.child(self.metrics.requests, model, ex.phase or "", ex.dialect, str(status)).inc()
             self.metrics.child(self.metrics.request_duration, model).observe(seconds)
         if not log.isEnabledFor(logging.INFO):
             return  # the line's arguments (two round()s, a dict) are not free
         log.info("%s %s %s model=%s phase=%s wait=%.3fs %.3fs", ex.request.method, ex.request.path,
-                 response.status, model or "-", ex.phase or "-", ex.queue_wait, seconds,
-                 extra={"model": model, "phase": ex.phase, "status": response.status,
+                 status, model or "-", ex.phase or "-", ex.queue_wait, seconds,
+                 extra={"model": model, "phase": ex.phase, "status": status,
                         "queue_wait_s": round(ex.queue_wait, 4), "duration_s": round(seconds, 4)})
 
 
@@ -254,19 +258,10 @@ def is_zero_duration(value: Any) -> bool:
         return False
 
 
-def check_api_key(request: web.Request, keys: list[bytes]) -> None:
+def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
     """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
-    if not auth.accepted(auth.bearer(request.headers, x_api_key=True), keys):
+    if not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
         raise Unauthorized("missing or invalid API key")
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes") from None
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -281,14 +276,5 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def error_response(error: WarmpoolError, dialect: str) -> web.Response:
-    response = web.json_response(error.body(dialect), status=error.status)
-    response.headers.update(error.headers)
-    return response
-
-
-def make_handler(proxy: Proxy) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    return proxy.handle
-
-
-__all__ = ["Proxy", "error_response", "make_handler", "aiohttp"]
+def error_answer(error: WarmpoolError, dialect: str) -> Answer:
+    return Answer.json(error.body(dialect), status=error.status, headers=error.headers)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from aiohttp import web
-
 from warmpool.backends.http1 import Response, UpstreamBroken
+from warmpool.clientside import Headers, Reply
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
 from warmpool.transforms import Streamer, Transform
 
@@ -22,40 +21,38 @@ SKIP_RESPONSE_HEADERS = frozenset({
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
-Tagger = Callable[[web.StreamResponse], None]
-
-
-async def relay(request: web.Request, upstream: Response, backend: str, tag: Tagger,
-                transform: Transform | None, on_first_byte: Callable[[], None]) -> web.StreamResponse:
-    """Copy `upstream` to the client; always releases the upstream connection (closing it early cancels the
-    upstream's work when the client went away)."""
+async def relay(reply: Reply, upstream: Response, backend: str, tags: Headers,
+                transform: Transform | None, on_first_byte: Callable[[], None]) -> None:
+    """Copy `upstream` to the client, with `tags` added to its headers; always releases the upstream
+    connection (closing it early cancels the upstream's work when the client went away)."""
     try:
         if transform is None:
-            return await _pass_through(request, upstream, backend, tag, on_first_byte)
-        return await _translated(request, upstream, backend, tag, transform, on_first_byte)
+            await _pass_through(reply, upstream, backend, tags, on_first_byte)
+        else:
+            await _translated(reply, upstream, backend, tags, transform, on_first_byte)
     finally:
         upstream.close()
 
 
-async def _pass_through(request: web.Request, upstream: Response, backend: str, tag: Tagger,
-                        on_first_byte: Callable[[], None]) -> web.StreamResponse:
+async def _pass_through(reply: Reply, upstream: Response, backend: str, tags: Headers,
+                        on_first_byte: Callable[[], None]) -> None:
     first = b""
+    headers = passed_headers(upstream) + tags
     if upstream.content_length is not None:
         first = await _first_chunk(upstream, backend)
         if len(first) == upstream.content_length:
-            return await _send_whole(request, upstream, first, tag, on_first_byte)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    copy_headers(upstream, response)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    tag(response)
-    await response.prepare(request)
+            # A body that is already all here (the usual non-streamed answer) goes out in one write with
+            # its headers: one syscall and one wake-up of the client fewer. Nothing is held back: this is
+            # only what one read returned.
+            await reply.whole(upstream.status, upstream.reason, headers, first)
+            on_first_byte()
+            return
+    await reply.start(upstream.status, upstream.reason, headers, upstream.content_length)
     on_first_byte()
     if first:
-        await response.write(first)
-    await _copy_chunks(upstream, response, backend)
-    await response.write_eof()
-    return response
+        await reply.write(first)
+    await _copy_chunks(upstream, reply, backend)
+    await reply.end()
 
 
 async def _first_chunk(upstream: Response, backend: str) -> bytes:
@@ -67,57 +64,37 @@ async def _first_chunk(upstream: Response, backend: str) -> bytes:
         raise upstream_failure(backend, exc) from exc
 
 
-async def _send_whole(request: web.Request, upstream: Response, body: bytes, tag: Tagger,
-                      on_first_byte: Callable[[], None]) -> web.Response:
-    """A body that is already all here (the usual non-streamed answer) goes out in one write with its
-    headers; a StreamResponse sends its headers on their own, one more syscall and one more wake-up of
-    the client per request. Nothing is held back: this is only what one read returned. Sent here rather
-    than by aiohttp after the handler returns, which comes later (after the accounting, a task switch)."""
-    response = web.Response(status=upstream.status, reason=upstream.reason, body=body)
-    copy_headers(upstream, response)
-    tag(response)
-    await response.prepare(request)
-    await response.write_eof()
-    on_first_byte()
-    return response
-
-
-async def _copy_chunks(upstream: Response, response: web.StreamResponse, backend: str) -> None:
+async def _copy_chunks(upstream: Response, reply: Reply, backend: str) -> None:
     try:
         while chunk := await upstream.readany():
-            await response.write(chunk)
+            await reply.write(chunk)
     except (UpstreamBroken, TimeoutError) as exc:
-        await _report_mid_stream(response, upstream_failure(backend, exc))
+        await _report_mid_stream(reply, upstream_failure(backend, exc))
 
 
-async def _translated(request: web.Request, upstream: Response, backend: str, tag: Tagger,
-                      transform: Transform, on_first_byte: Callable[[], None]) -> web.StreamResponse:
+async def _translated(reply: Reply, upstream: Response, backend: str, tags: Headers,
+                      transform: Transform, on_first_byte: Callable[[], None]) -> None:
     if upstream.status >= 300 or not transform.stream:
         raw = await _read_all(upstream, backend)
         body = transform.error_body(raw, upstream.status) if upstream.status >= 300 else _whole(transform, raw, backend)
-        response = web.Response(status=upstream.status, body=body, content_type="application/json")
-        tag(response)
+        await reply.whole(upstream.status, "", [("Content-Type", "application/json"), *tags], body)
         on_first_byte()
-        return response
-    response = web.StreamResponse(status=200, headers={"Content-Type": transform.content_type})
-    tag(response)
-    await response.prepare(request)
+        return
+    await reply.start(200, "", [("Content-Type", transform.content_type), *tags], None)
     on_first_byte()
-    await _translate_chunks(upstream, response, backend, transform.streamer())
-    await response.write_eof()
-    return response
+    await _translate_chunks(upstream, reply, backend, transform.streamer())
+    await reply.end()
 
 
-async def _translate_chunks(upstream: Response, response: web.StreamResponse, backend: str,
-                            streamer: Streamer) -> None:
+async def _translate_chunks(upstream: Response, reply: Reply, backend: str, streamer: Streamer) -> None:
     try:
         while chunk := await upstream.readany():
             for line in streamer.feed(chunk):
-                await response.write(line)
+                await reply.write(line)
         for line in streamer.finish():
-            await response.write(line)
+            await reply.write(line)
     except (UpstreamBroken, TimeoutError) as exc:
-        await _report_mid_stream(response, upstream_failure(backend, exc))
+        await _report_mid_stream(reply, upstream_failure(backend, exc))
 
 
 def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
@@ -140,42 +117,40 @@ def upstream_failure(backend: str, exc: BaseException) -> BackendError:
     return BackendError(backend, f"upstream dropped the connection mid-response: {exc}")
 
 
-async def _report_mid_stream(response: web.StreamResponse, error: WarmpoolError) -> None:
+async def _report_mid_stream(reply: Reply, error: WarmpoolError) -> None:
     """The status is already sent: end the stream with an error in the dialect's streaming shape
     (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event)."""
-    if response.content_type not in STREAM_TYPES:
-        raise error  # a truncated JSON body: drop the connection so the client cannot mistake it for whole
-    if response.content_type == "application/x-ndjson":
-        await response.write(json.dumps(error.ollama_body()).encode() + b"\n")
+    if reply.content_type not in STREAM_TYPES:
+        raise error  # a truncated JSON body: the proxy drops the connection so it cannot pass for whole
+    if reply.content_type == "application/x-ndjson":
+        await reply.write(json.dumps(error.ollama_body()).encode() + b"\n")
     else:
-        await response.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
+        await reply.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
 
 
-def copy_headers(upstream: Response, response: web.StreamResponse) -> None:
-    for name, value in upstream.headers:
-        if name.lower() not in SKIP_RESPONSE_HEADERS:
-            response.headers.add(name, value)
+def passed_headers(upstream: Response) -> Headers:
+    """The upstream's headers a client gets: all but hop-by-hop ones and those the server sets itself."""
+    return [(name, value) for name, value in upstream.headers if name.lower() not in SKIP_RESPONSE_HEADERS]
 
 
-async def relay_into(response: web.StreamResponse, upstream: Response, backend: str,
-                     transform: Transform | None) -> None:
+async def relay_into(reply: Reply, upstream: Response, backend: str, transform: Transform | None) -> None:
     """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
     longer be passed on, so a failure ends the stream with an error in its shape."""
     try:
         if upstream.status >= 300:
             raw = await _read_all(upstream, backend)
             reason = f"answered HTTP {upstream.status}: {raw[:500].decode(errors='replace')}"
-            await _report_mid_stream(response, BackendError(backend, reason))
+            await _report_mid_stream(reply, BackendError(backend, reason))
         elif transform is None:
-            await _copy_chunks(upstream, response, backend)
+            await _copy_chunks(upstream, reply, backend)
         else:
-            await _translate_chunks(upstream, response, backend, transform.streamer())
-        await response.write_eof()
+            await _translate_chunks(upstream, reply, backend, transform.streamer())
+        await reply.end()
     finally:
         upstream.close()
 
 
-async def report_in_stream(response: web.StreamResponse, error: WarmpoolError) -> None:
+async def report_in_stream(reply: Reply, error: WarmpoolError) -> None:
     """End an already-open stream with `error` in its shape."""
-    await _report_mid_stream(response, error)
-    await response.write_eof()
+    await _report_mid_stream(reply, error)
+    await reply.end()
