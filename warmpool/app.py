@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from warmpool import admin, aiohttp_lane, residency, routing
+from warmpool import admin, aiohttp_lane, frontdoor, residency, routing
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
 from warmpool.backends.ollama import OllamaBackend
@@ -34,6 +34,7 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
 RAMTIER = web.AppKey("ramtier", object)  # RamTier | None
+FRONT_DOOR = web.AppKey("front_door", frontdoor.Lane)
 
 
 def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -50,8 +51,10 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
     app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
     app[RAMTIER] = tier
+    app[FRONT_DOOR] = frontdoor.Lane(proxy.handle, routing.is_known_path, cfg.max_body_size)
     app.cleanup_ctx.append(_backends_lifecycle)
     app.on_shutdown.append(_stop_admitting)
+    app.on_shutdown.append(_finish_front_door)
     admin.add_routes(app, cfg, backends, scheduler, metrics, tier)
     handle = aiohttp_lane.handler(proxy.handle, cfg.max_body_size)
     for path in sorted(routing.INFERENCE | routing.MODEL_ADMIN | routing.LISTINGS):
@@ -88,29 +91,43 @@ async def _stop_admitting(app: web.Application) -> None:
     await app[SCHEDULER].close()
 
 
+async def _finish_front_door(app: web.Application) -> None:
+    """SIGTERM, step two: the front door's running exchanges finish (up to the timeout) before the backends
+    stop; aiohttp then does the same for the connections it was handed."""
+    await app[FRONT_DOOR].drain(app[CONFIG].timeouts.shutdown)
+
+
 async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
                 on_ready: Callable[[str], None] | None = None, registry: CollectorRegistry | None = None) -> None:
-    """Run warmpool until `shutdown_trigger` returns (default: SIGTERM or SIGINT)."""
+    """Run warmpool until `shutdown_trigger` returns (default: SIGTERM or SIGINT).
+
+    The socket is the front door's (frontdoor.py); aiohttp's server gets the connections it hands over."""
     app = create_app(cfg, registry=registry)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.timeouts.shutdown,
                            access_log=None, handle_signals=False)
     await runner.setup()
+    door = app[FRONT_DOOR]
+    door.fallback = runner.server
+    server: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, cfg.listen_host, cfg.listen_port, reuse_address=True)
-        await site.start()
-        url = _bound_url(runner, cfg)
+        server = await asyncio.get_running_loop().create_server(
+            door.protocol, cfg.listen_host, cfg.listen_port, reuse_address=True)
+        url = _bound_url(server, cfg)
         log.info("warmpool listening on %s (config: %s)", url, cfg.source)
         if on_ready:
             on_ready(url)
         await (shutdown_trigger or _signal_trigger)()
         log.info("shutting down: no new requests; running streams get up to %g s", cfg.timeouts.shutdown)
     finally:
+        if server is not None:
+            server.close()
+        door.close()
         await runner.cleanup()
         log.info("stopped")
 
 
-def _bound_url(runner: web.AppRunner, cfg: Config) -> str:
-    addrs = [a for a in runner.addresses if isinstance(a, tuple)]
+def _bound_url(server: asyncio.Server, cfg: Config) -> str:
+    addrs = [s.getsockname() for s in server.sockets]
     host, port = (addrs[0][0], addrs[0][1]) if addrs else (cfg.listen_host, cfg.listen_port)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
