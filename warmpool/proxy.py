@@ -260,7 +260,7 @@ def is_zero_duration(value: Any) -> bool:
 
 def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
     """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
-    if not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
+    if keys and not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
         raise Unauthorized("missing or invalid API key")
 
 
