@@ -8,9 +8,10 @@ Two warmpool routes to the same upstream are measured:
 - `ollama`: an ollama-kind backend whose model the fake lists in /api/ps, so every request takes the
   scheduler's lease fast path (acquire, release, re-plan).
 
-For reference, a proxy with no logic at all is measured beside them (`--no-reference` skips it): aiohttp's
-server and warmpool's upstream client (backends/http1.py) with nothing in between (no routing, leases,
-metrics or rewriting). It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
+For reference, a proxy with no logic at all is measured beside them (`--no-reference` skips it): warmpool's
+front door (frontdoor.py) and its upstream client (backends/http1.py) with nothing in between (no routing,
+leases, metrics or rewriting); aiohttp's server in place of the front door for a `--source` checkout that
+has none. It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
 
 Measured, in rounds that interleave direct and proxied runs (the machine is shared, so medians over the
 rounds are reported): requests per second and latency p50/p99 of small non-streamed chat completions at
@@ -42,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -154,6 +156,43 @@ def reference_proxy(upstream: str) -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
+
+
+def reference_front_door(upstream: str) -> Callable[..., object] | None:
+    """The same forwarding behind warmpool's front door; None for a checkout without one."""
+    try:
+        from warmpool.frontdoor import Lane
+    except ImportError:
+        return None
+    from warmpool.backends.http1 import Origin
+
+    origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
+    json_type = b"Content-Type: application/json\r\n"
+
+    async def forward(request: Any, reply: Any) -> None:
+        answer = await origin.request(request.method, request.path, json_type, await request.read(), timeout=60.0)
+        headers = [("Content-Type", answer.header("Content-Type") or "application/json")]
+        try:
+            if answer.content_length is not None:
+                await reply.whole(answer.status, "", headers, await answer.read())
+                return
+            await reply.start(answer.status, "", headers, None)
+            while chunk := await answer.readany():
+                await reply.write(chunk)
+            await reply.end()
+        finally:
+            answer.close()
+
+    return Lane(forward, lambda path: True, 1 << 20).protocol
+
+
+async def serve_protocol(factory: Callable[..., object]) -> None:
+    """Serve a protocol factory like serve_app does an application."""
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)  # type: ignore[arg-type]
+    host, port = server.sockets[0].getsockname()[:2]
+    print(f"listening on http://{host}:{port}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    server.close()
 
 
 async def serve_app(app: web.Application) -> None:
@@ -556,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         event_loop_runner()(serve_app(fake_upstream(settings.chunks, settings.gap)))
         return 0
     if args.reference:
-        event_loop_runner()(serve_app(reference_proxy(args.reference)))
+        door = reference_front_door(args.reference)
+        event_loop_runner()(serve_protocol(door) if door else serve_app(reference_proxy(args.reference)))
         return 0
     raise_on_sigterm()
     routes = [args.only] if args.only else list(ROUTES)
