@@ -32,11 +32,13 @@ MAX_FIELDS = 100
 MAX_PIPELINED = 1 << 20  # bytes buffered behind a running exchange before reading pauses
 KEEPALIVE_SECONDS = 75.0  # aiohttp's default: an idle connection is closed after this long
 # Headers whose presence means a request the front door does not take (aiohttp handles them).
-DECLINED_FIELDS = (b"transfer-encoding", b"expect", b"upgrade")
+DECLINED_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 # The whole head in one match: a request line with a method it takes, then fields that are a token, a
 # colon and a value of tabs, visible ASCII and obs-text (so no obs-fold, no bare CR or LF, no controls).
 HEAD_SHAPE = re.compile(
     rb"(GET|POST|DELETE) (\S+) HTTP/1\.1((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
+# One field of a head HEAD_SHAPE accepted: its name and its value without surrounding whitespace.
+FIELD = re.compile(rb"\r\n([^:]+):[ \t]*((?:[^\r]*[^\r \t])?)[ \t]*")
 # origin-form only, no percent-escapes in the path (aiohttp decodes those); the query passes on as sent
 TARGET = re.compile(rb"(/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)(?:\?([A-Za-z0-9._~!$&'()*+,;=:@/?%-]*))?")
 DIGITS = re.compile(rb"[0-9]{1,18}")
@@ -83,29 +85,26 @@ def parse_head(buffer: bytes | bytearray, takes: Callable[[str], bool], limit: i
     if target is None or b"//" in target[1] or b"/." in target[1]:
         return None
     path = target[1].decode("ascii")
-    lines = shape[3].split(b"\r\n")
-    if not takes(path) or len(lines) > MAX_FIELDS + 1:
+    if not takes(path):
         return None
-    raw: list[tuple[bytes, bytes]] = []
-    by_name: dict[bytes, bytes] = {}
-    for line in lines[1:]:  # the first is the empty text before the first field's CRLF
-        name, _, value = line.partition(b":")
-        value = value.strip(b" \t")
-        lower = name.lower()
-        if lower in by_name:
-            if lower == b"content-length" or lower == b"host":
-                return None
-        else:
-            by_name[lower] = value
-        raw.append((name, value))
+    raw: list[tuple[bytes, bytes]] = FIELD.findall(shape[3])
+    by_name = {name.lower(): value for name, value in reversed(raw)}  # the first of repeated fields wins
+    if len(raw) > MAX_FIELDS or (len(by_name) < len(raw) and _repeats_framing(raw)):
+        return None
     length = _content_length(by_name.get(b"content-length"), limit)
-    if length is None or any(name in by_name for name in DECLINED_FIELDS):
+    if length is None or not DECLINED_FIELDS.isdisjoint(by_name):
         return None
     connection = by_name.get(b"connection", b"").lower()
     if b"upgrade" in connection:
         return None
     return Head(shape[1].decode("ascii"), path, (target[2] or b"").decode("ascii"), raw, Fields(by_name),
                 length, b"close" in connection, end + 4)
+
+
+def _repeats_framing(raw: list[tuple[bytes, bytes]]) -> bool:
+    """Whether Content-Length or Host is given twice (which one would the upstream believe?)."""
+    names = [name.lower() for name, _ in raw]
+    return names.count(b"content-length") > 1 or names.count(b"host") > 1
 
 
 def _content_length(value: bytes | None, limit: int) -> int | None:
