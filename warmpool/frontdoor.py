@@ -54,8 +54,12 @@ class Fields:
         self.by_name = by_name
 
     def get(self, name: str, default: Any = None) -> Any:
-        value = self.by_name.get(name.lower().encode("latin-1"))
+        key = _KEYS.get(name) or _KEYS.setdefault(name, name.lower().encode("latin-1"))
+        value = self.by_name.get(key)
         return default if value is None else value.decode("latin-1")
+
+
+_KEYS: dict[str, bytes] = {}  # the few names looked up, lower-cased and encoded once
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics
-from warmpool.rawbody import upstream_body
+from warmpool.rawbody import plain_utf8, upstream_body
 from warmpool.scheduler import Scheduler
 from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 
@@ -265,10 +265,11 @@ def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
+    if not raw or raw.isspace():
         raise BadRequest("missing request body")
     try:
-        data = json.loads(raw)
+        # Decoded here when it is plain UTF-8: json.loads would first guess the encoding of bytes.
+        data = json.loads(raw.decode() if plain_utf8(raw) else raw)
     except ValueError as exc:
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ _COLON = re.compile(rb"\s*:\s*")
 
 def upstream_body(body: dict[str, Any], client_body: dict[str, Any], raw: bytes) -> bytes:
     """`body` as bytes, given that the client sent `raw`, which parsed to `client_body`."""
-    if _plain_utf8(raw):
+    if plain_utf8(raw):
         if body == client_body:
             return raw
         old, new = client_body.get("model"), body.get("model")
@@ -66,6 +66,6 @@ def _only_model_differs(body: dict[str, Any], client_body: dict[str, Any]) -> bo
     return True
 
 
-def _plain_utf8(raw: bytes) -> bool:
+def plain_utf8(raw: bytes) -> bool:
     """No BOM and not UTF-16/32 (which json.loads accepts but an upstream may not)."""
     return raw[:1] not in (b"\xef", b"\xfe", b"\xff") and b"\x00" not in raw[:4]
