@@ -6,6 +6,7 @@ that leaves, a cut answer, the idle timeout, and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -344,6 +345,39 @@ async def test_an_idle_connection_is_closed(door: Callable[[Handler], Awaitable[
     writer.write(post("/api/chat"))
     await read_answer(reader)
     assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_body_still_arriving_keeps_the_connection_open(door: Callable[[Handler], Awaitable[Door]],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frontdoor, "KEEPALIVE_SECONDS", 0.2)
+    d = await door(echo)
+    reader, writer = await d.connect()
+    request = post("/api/chat", b"0123456789")
+    writer.write(request[:-10])
+    for digit in request[-10:]:
+        await asyncio.sleep(0.05)  # ten pieces over 0.5 s: longer than the idle timeout in all
+        writer.write(bytes([digit]))
+    assert json.loads((await read_answer(reader))[1])["body"] == "0123456789"
+    writer.close()
+
+
+async def test_a_head_never_finished_is_dropped(door: Callable[[Handler], Awaitable[Door]],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frontdoor, "KEEPALIVE_SECONDS", 0.2)
+    d = await door(echo)
+    reader, writer = await d.connect()
+    pieces = [b"POST /api/chat HTTP/1.1\r\n", b"Host: a\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n", b"X-C: 3\r\n"]
+    with contextlib.suppress(ConnectionError):  # the server may have closed before the last pieces
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+    try:
+        rest = await asyncio.wait_for(reader.read(), 5)  # times out (and fails) if it stays open
+    except ConnectionError:
+        rest = b""  # closed while the client was still writing
+    assert rest == b""
     writer.close()
 
 

@@ -243,6 +243,7 @@ class Connection(asyncio.Protocol):
         end = head.size + head.content_length
         if len(self.buffer) < end:
             self.pending = head
+            self._arm_idle_timer()  # a body still arriving is not idleness; a head never finished is
             return
         self.pending = None
         body = bytes(memoryview(self.buffer)[head.size:end])
