@@ -173,7 +173,7 @@ async def test_keep_alive_serves_requests_one_after_another(door: Callable[[Hand
         writer.write(post("/api/chat", b'{"n": %d}' % n, b"X-Warmpool-Phase: plan\r\n"))
         head, body = await read_answer(reader)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nDate: " in head
-        assert json.loads(body) == {"path": "/api/chat", "query": "", "body": '{"n": %d}' % n, "phase": "plan"}
+        assert json.loads(body) == {"path": "/api/chat", "query": "", "body": f'{{"n": {n}}}', "phase": "plan"}
     assert d.seen == ["front /api/chat"] * 3
     writer.close()
 
