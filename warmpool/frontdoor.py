@@ -34,15 +34,15 @@ MAX_PIPELINED = 1 << 20  # bytes buffered behind a running exchange before readi
 KEEPALIVE_SECONDS = 75.0  # aiohttp's default: an idle connection is closed after this long
 # Headers whose presence means a request the front door does not take (aiohttp handles them).
 DECLINED_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-# The whole head in one match: a request line with a method it takes, then fields that are a token, a
-# colon and a value of tabs, visible ASCII and obs-text (so no obs-fold, no bare CR or LF, no controls).
+# The whole head in one match: a request line with a method it takes and a target in origin form with no
+# percent-escapes in its path (aiohttp decodes those; the query passes on as sent), then fields that are
+# a token, a colon and a value of tabs, visible ASCII and obs-text (so no obs-fold, no bare CR or LF, no
+# control characters). Groups: method, path, query, fields.
 HEAD_SHAPE = re.compile(
-    rb"(GET|POST|DELETE) (\S+) HTTP/1\.1((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
+    rb"(GET|POST|DELETE) (/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)(?:\?([A-Za-z0-9._~!$&'()*+,;=:@/?%-]*))? HTTP/1\.1"
+    rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
 # One field of a head HEAD_SHAPE accepted: its name and its value without surrounding whitespace.
 FIELD = re.compile(rb"\r\n([^:]+):[ \t]*((?:[^\r]*[^\r \t])?)[ \t]*")
-# origin-form only, no percent-escapes in the path (aiohttp decodes those); the query passes on as sent
-TARGET = re.compile(rb"(/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)(?:\?([A-Za-z0-9._~!$&'()*+,;=:@/?%-]*))?")
-DIGITS = re.compile(rb"[0-9]{1,18}")
 INCOMPLETE = "incomplete"
 
 
@@ -86,40 +86,28 @@ def parse_head(buffer: bytes | bytearray, takes: Callable[[str], bool], limit: i
     shape = HEAD_SHAPE.fullmatch(bytes(memoryview(buffer)[:end])) if end <= MAX_HEAD else None
     if shape is None:
         return None
-    target = TARGET.fullmatch(shape[2])
-    if target is None or b"//" in target[1] or b"/." in target[1]:
+    method, path, query, fields = shape.groups(b"")
+    if b"//" in path or b"/." in path or not takes(path := path.decode("ascii")):
         return None
-    path = target[1].decode("ascii")
-    if not takes(path):
-        return None
-    raw: list[tuple[bytes, bytes]] = FIELD.findall(shape[3])
+    raw: list[tuple[bytes, bytes]] = FIELD.findall(fields)
     by_name = {name.lower(): value for name, value in reversed(raw)}  # the first of repeated fields wins
     if len(raw) > MAX_FIELDS or (len(by_name) < len(raw) and _repeats_framing(raw)):
         return None
-    length = _content_length(by_name.get(b"content-length"), limit)
-    if length is None or not DECLINED_FIELDS.isdisjoint(by_name):
+    # A malformed Content-Length, or one over the limit, goes to aiohttp (which answers 400 or 413).
+    length = by_name.get(b"content-length", b"0")
+    if not length.isdigit() or len(length) > 18 or int(length) > limit or not DECLINED_FIELDS.isdisjoint(by_name):
         return None
     connection = by_name.get(b"connection", b"").lower()
     if b"upgrade" in connection:
         return None
-    return Head(shape[1].decode("ascii"), path, (target[2] or b"").decode("ascii"), raw, Fields(by_name),
-                length, b"close" in connection, end + 4)
+    return Head(method.decode("ascii"), path, query.decode("ascii"), raw, Fields(by_name), int(length),
+                b"close" in connection, end + 4)
 
 
 def _repeats_framing(raw: list[tuple[bytes, bytes]]) -> bool:
     """Whether Content-Length or Host is given twice (which one would the upstream believe?)."""
     names = [name.lower() for name, _ in raw]
     return names.count(b"content-length") > 1 or names.count(b"host") > 1
-
-
-def _content_length(value: bytes | None, limit: int) -> int | None:
-    """The body's size; None (decline) when it is malformed or over the limit (aiohttp answers 413)."""
-    if value is None:
-        return 0
-    if not DIGITS.fullmatch(value):
-        return None
-    length = int(value)
-    return length if length <= limit else None
 
 
 class Request:
