@@ -354,7 +354,8 @@ class SocketReply:
         else:
             self.connection.write(self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body)) + body)
         self.ended = True
-        await self.connection.drain()
+        if self.connection.writing_paused:
+            await self.connection.drain()
 
     async def start(self, status: int, reason: str, headers: Headers, length: int | None) -> None:
         self._begin(status, headers)
@@ -365,13 +366,15 @@ class SocketReply:
         else:
             framing, self.chunked = b"Transfer-Encoding: chunked\r\n", True
         self.connection.write(self._head(status, reason, headers, framing))
-        await self.connection.drain()
+        if self.connection.writing_paused:
+            await self.connection.drain()
 
     async def write(self, data: bytes) -> None:
         if not data or self.ended:
             return  # an empty chunk would end a chunked body
         self.connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        await self.connection.drain()
+        if self.connection.writing_paused:
+            await self.connection.drain()
 
     async def end(self) -> None:
         if self.ended:
@@ -379,7 +382,8 @@ class SocketReply:
         if self.chunked:
             self.connection.write(b"0\r\n\r\n")
         self.ended = True
-        await self.connection.drain()
+        if self.connection.writing_paused:
+            await self.connection.drain()
 
     def abort(self) -> None:
         self.keep_alive = False

@@ -136,13 +136,17 @@ class Proxy:
         if ex.dialect == "ollama" and translate.is_ollama_preload(ex.request.path, ex.body):
             return await self._load_or_unload(ex)
         path, body, transform = self._upstream_request(ex, backend)
-        pool = self.scheduler.pool_of(ex.model.name)
-        if not pool.available(ex.model.name) and self._wants_feedback(ex):
-            return await self._inference_with_feedback(ex, backend, path, body, transform)
-        async with pool.lease(ex.model.name) as waited:
-            ex.queue_wait = waited
+        name = ex.model.name
+        pool = self.scheduler.pool_of(name)
+        if not pool.take(name):
+            if self._wants_feedback(ex):
+                return await self._inference_with_feedback(ex, backend, path, body, transform)
+            ex.queue_wait = await pool.acquire(name)
+        try:
             self._observe_queue(ex)
-            return await self._forward(ex, backend, path, body, transform)
+            await self._forward(ex, backend, path, body, transform)
+        finally:
+            pool.release(name)
 
     def _wants_feedback(self, ex: Exchange) -> bool:
         return feedback.streams(ex.request.path, ex.body) and feedback.wanted(

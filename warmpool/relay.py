@@ -39,7 +39,10 @@ async def _pass_through(reply: Reply, upstream: Response, backend: str, tags: He
     first = b""
     headers = passed_headers(upstream) + tags
     if upstream.content_length is not None:
-        first = await _first_chunk(upstream, backend)
+        try:  # no byte has gone to the client yet, so a failure here is still an ordinary error answer
+            first = await upstream.readany()
+        except (UpstreamBroken, TimeoutError) as exc:
+            raise upstream_failure(backend, exc) from exc
         if len(first) == upstream.content_length:
             # A body that is already all here (the usual non-streamed answer) goes out in one write with
             # its headers: one syscall and one wake-up of the client fewer. Nothing is held back: this is
@@ -53,15 +56,6 @@ async def _pass_through(reply: Reply, upstream: Response, backend: str, tags: He
         await reply.write(first)
     await _copy_chunks(upstream, reply, backend)
     await reply.end()
-
-
-async def _first_chunk(upstream: Response, backend: str) -> bytes:
-    """What the upstream has sent of its body so far (at least one byte, unless the body is empty). No
-    byte has gone to the client yet, so a failure here is still an ordinary error response."""
-    try:
-        return await upstream.readany()
-    except (UpstreamBroken, TimeoutError) as exc:
-        raise upstream_failure(backend, exc) from exc
 
 
 async def _copy_chunks(upstream: Response, reply: Reply, backend: str) -> None:

@@ -103,13 +103,20 @@ class Pool:
         return Lease(self, model)
 
     async def acquire(self, model: str) -> float:
-        if self.closed:
-            raise ShuttingDown()
-        state = self.models[model]
-        if self.available(model):
-            state.inflight += 1
+        """Take a lease on `model` (release it with `release`); returns the seconds spent waiting."""
+        if self.take(model):
             return 0.0
         return await self._wait_for(model)
+
+    def take(self, model: str) -> bool:
+        """Take a lease on `model` if that needs no wait, the usual case (the data path then pays no
+        coroutine for it); False when `acquire` would have to wait."""
+        if self.closed:
+            raise ShuttingDown()
+        if self.available(model):
+            self.models[model].inflight += 1
+            return True
+        return False
 
     def available(self, model: str) -> bool:
         """Whether a lease on `model` would be granted without waiting."""
