@@ -21,14 +21,21 @@ class HeaderLookup(Protocol):
 
 
 class Incoming(Protocol):
-    """A request as the proxy needs it. `headers.get` ignores case; `raw_headers` are the bytes as sent."""
+    """A request as the proxy needs it. `headers.get` ignores case; `raw_headers` are the bytes as sent;
+    `query` is the raw query string, without "?"."""
 
-    method: str
-    path: str
-    query: str  # the raw query string, without "?"
-    headers: HeaderLookup
-    raw_headers: Sequence[tuple[bytes, bytes]]
-    content_length: int | None
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def query(self) -> str: ...
+    @property
+    def headers(self) -> HeaderLookup: ...
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+    @property
+    def content_length(self) -> int | None: ...
 
     async def read(self) -> bytes:
         """The whole body; raises PayloadTooLarge above the configured limit."""

@@ -86,8 +86,8 @@ def parse_head(buffer: bytes | bytearray, takes: Callable[[str], bool], limit: i
     shape = HEAD_SHAPE.fullmatch(bytes(memoryview(buffer)[:end])) if end <= MAX_HEAD else None
     if shape is None:
         return None
-    method, path, query, fields = shape.groups(b"")
-    if b"//" in path or b"/." in path or not takes(path := path.decode("ascii")):
+    method, target_path, query, fields = shape.groups(b"")
+    if b"//" in target_path or b"/." in target_path or not takes(path := target_path.decode("ascii")):
         return None
     raw: list[tuple[bytes, bytes]] = FIELD.findall(fields)
     by_name = {name.lower(): value for name, value in reversed(raw)}  # the first of repeated fields wins
