@@ -1,17 +1,20 @@
 """The front door (warmpool's own HTTP/1.1 server for the proxied routes) against real loopback clients
 that send exact bytes: which requests it takes and which it hands to aiohttp (with the connection and
 every byte buffered), keep-alive, pipelining, bodies in pieces, chunked and bodiless answers, a client
-that leaves, a cut answer, the idle timeout, and shutdown."""
+that leaves, a cut answer, the idle timeout, and shutdown; and, against h11, that every head it takes
+is one a strict parser reads the same way."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import h11
 import pytest
 from aiohttp import web
 
@@ -88,6 +91,61 @@ def test_an_unfinished_head_needs_more_bytes_until_it_is_too_long() -> None:
 ])
 def test_declines_what_it_does_not_fully_understand(raw: bytes) -> None:
     assert head_of(raw) is None
+
+
+BASES = [
+    b"POST /api/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n",
+    b"GET /api/tags?x=1 HTTP/1.1\r\nHost: localhost:11435\r\nAccept: */*\r\nUser-Agent: t/1\r\n\r\n",
+    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\nAuthorization: Bearer k\r\nContent-Length: 10\r\n"
+     b"X-Warmpool-Phase:  plan \r\n\r\n"),
+]
+NASTY = b"\r\n\t :/%.?#aA0\x00\x7f\x80\xff-,"
+
+
+def mutated(rng: random.Random, raw: bytes) -> bytes:
+    """`raw` with one to three random edits: a byte inserted, deleted or replaced, or a line doubled."""
+    out = bytearray(raw)
+    for _ in range(rng.randint(1, 3)):
+        op, at = rng.random(), rng.randrange(len(out) - 4)
+        if op < 0.4:
+            out.insert(at, rng.choice(NASTY))
+        elif op < 0.7:
+            del out[at]
+        elif op < 0.85:
+            out[at] = rng.choice(NASTY)
+        else:
+            lines = bytes(out).split(b"\r\n")
+            line = rng.randrange(1, max(2, len(lines) - 2))
+            lines.insert(line, lines[line])
+            out = bytearray(b"\r\n".join(lines))
+    return bytes(out)
+
+
+def test_every_head_it_takes_is_one_a_strict_parser_reads_the_same_way() -> None:
+    """Differential check against h11 (a strict HTTP/1.1 parser): of thousands of mangled heads, each one
+    the front door takes must be valid to h11 with the same method, target and fields. (h11 also demands
+    a Host field, which neither the front door nor aiohttp requires.)"""
+    rng = random.Random(20261130)
+    taken = 0
+    for _ in range(4000):
+        raw = mutated(rng, rng.choice(BASES))
+        head = head_of(raw)
+        if not isinstance(head, Head):
+            continue
+        taken += 1
+        connection = h11.Connection(h11.SERVER)
+        connection.receive_data(raw)
+        try:
+            event = connection.next_event()
+        except h11.RemoteProtocolError as exc:
+            assert "Host" in str(exc), (raw, exc)
+            continue
+        assert isinstance(event, h11.Request), raw
+        target = head.path.encode() + (b"?" + head.query.encode() if head.query else b"")
+        assert (event.method, event.target.removesuffix(b"?")) == (head.method.encode(), target), raw
+        assert list(event.headers) == [(name.lower(), value) for name, value in head.raw_headers], raw
+        assert head.content_length == int(dict(event.headers).get(b"content-length", b"0")), raw
+    assert taken > 500  # the mutations must leave plenty that are taken, or this tests nothing
 
 
 # -- on a socket ---------------------------------------------------------------------------------------------
