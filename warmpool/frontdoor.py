@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
+from warmpool.backends.http1 import encode_headers
 from warmpool.clientside import Headers, Incoming, Reply, media_type
 
 log = logging.getLogger("warmpool.frontdoor")
@@ -396,13 +397,11 @@ class SocketReply:
         self.status, self.content_type = status, media_type(headers)
 
     def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers
-                         if "\r" not in value and "\n" not in value and "\r" not in name and "\n" not in name])
         close = b"" if self.keep_alive and not self.connection.lane.closing else b"Connection: close\r\n"
         if close:
             self.keep_alive = False
         return b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (status, _reason(status, reason), framing, _date_line(),
-                                                    close, lines.encode())
+                                                    close, encode_headers(headers))
 
 
 def _bodiless(status: int) -> bool:
