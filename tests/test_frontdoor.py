@@ -395,22 +395,25 @@ async def test_an_answer_the_handler_never_finished_is_not_passed_off_as_whole(
             await response.read()
 
 
-async def test_an_idle_connection_is_closed(door: Callable[[Handler], Awaitable[Door]],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+async def impatient(door: Callable[[Handler], Awaitable[Door]],
+                    monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to an echoing front door whose idle timeout is 0.2 s."""
     monkeypatch.setattr(frontdoor, "KEEPALIVE_SECONDS", 0.2)
-    d = await door(echo)
-    reader, writer = await d.connect()
+    return await (await door(echo)).connect()
+
+
+async def test_an_idle_connection_is_closed(impatient: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    reader, writer = impatient
     writer.write(post("/api/chat"))
     await read_answer(reader)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
 
 
-async def test_a_body_still_arriving_keeps_the_connection_open(door: Callable[[Handler], Awaitable[Door]],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frontdoor, "KEEPALIVE_SECONDS", 0.2)
-    d = await door(echo)
-    reader, writer = await d.connect()
+async def test_a_body_still_arriving_keeps_the_connection_open(
+        impatient: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    reader, writer = impatient
     request = post("/api/chat", b"0123456789")
     writer.write(request[:-10])
     for digit in request[-10:]:
@@ -420,11 +423,8 @@ async def test_a_body_still_arriving_keeps_the_connection_open(door: Callable[[H
     writer.close()
 
 
-async def test_a_head_never_finished_is_dropped(door: Callable[[Handler], Awaitable[Door]],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frontdoor, "KEEPALIVE_SECONDS", 0.2)
-    d = await door(echo)
-    reader, writer = await d.connect()
+async def test_a_head_never_finished_is_dropped(impatient: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    reader, writer = impatient
     pieces = [b"POST /api/chat HTTP/1.1\r\n", b"Host: a\r\n", b"X-A: 1\r\n", b"X-B: 2\r\n", b"X-C: 3\r\n"]
     with contextlib.suppress(ConnectionError):  # the server may have closed before the last pieces
         for piece in pieces:
