@@ -7,7 +7,7 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from warmpool.metrics import REQUEST_BUCKETS, LoopCounter, LoopHistogram
+from warmpool.metrics import REQUEST_BUCKETS, LoopCounter, LoopHistogram, Metrics
 
 
 def test_loop_metrics_expose_what_prometheus_client_would() -> None:
@@ -33,3 +33,24 @@ def test_loop_metrics_refuse_the_wrong_number_of_labels() -> None:
     histogram = LoopHistogram("u_seconds", "doc", ["pool", "model"], REQUEST_BUCKETS, registry=CollectorRegistry())
     with pytest.raises(ValueError, match="expected labels"):
         histogram.labels("only-one")
+
+
+def test_request_meters_record_into_their_labels() -> None:
+    metrics = Metrics(CollectorRegistry())
+    meters = metrics.meters("coder", "gpu", "execution", "openai")
+    assert metrics.meters("coder", "gpu", "execution", "openai") is meters
+    assert metrics.meters("coder", "gpu", "", "openai") is not meters  # no phase: another series
+    meters.answered(200).inc()
+    meters.answered(200).inc()
+    meters.answered(502).inc()
+    meters.first_byte.observe(0.002)
+    meters.duration.observe(0.3)
+    meters.queue_wait.observe(0.0)
+    text = generate_latest(metrics.registry).decode()
+    labels = 'dialect="openai",model="coder",phase="execution"'
+    assert f'warmpool_requests_total{{{labels},status="200"}} 2.0' in text
+    assert f'warmpool_requests_total{{{labels},status="502"}} 1.0' in text
+    assert 'warmpool_time_to_first_byte_seconds_bucket{le="0.005",model="coder"} 1.0' in text
+    assert 'warmpool_request_duration_seconds_bucket{le="0.25",model="coder"} 0.0' in text
+    assert 'warmpool_request_duration_seconds_count{model="coder"} 1.0' in text
+    assert 'warmpool_queue_wait_seconds_count{model="coder",pool="gpu"} 1.0' in text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -30,7 +30,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._meters: dict[tuple[str, str, str, str], RequestMeters] = {}
         # Recorded on every proxied request: the lock-free kind (see LoopCounter).
         self.requests = LoopCounter(
             "warmpool_requests", "Proxied requests by model, phase, dialect and HTTP status.",
@@ -70,19 +70,38 @@ class Metrics:
             ["pool", "model"], registry=registry)
         ProcessCollector(namespace="warmpool", registry=registry)  # warmpool_process_resident_memory_bytes, ...
 
-    def child(self, metric: Counter | Histogram | LoopCounter | LoopHistogram, *values: str) -> Any:
-        """`metric.labels(*values)`, looked up once: `.labels()` takes a lock and checks its values on every
-        call, which the data path would pay several times per request. Label values are bounded (configured
-        names, statuses), so is this cache."""
-        key = (id(metric), values)
-        found = self._children.get(key)
+    def meters(self, model: str, pool: str, phase: str, dialect: str) -> RequestMeters:
+        """What requests for `model`, chosen by `phase` (or "") in `dialect`, record; built once per such
+        combination (they are bounded: configured names), so a request pays no label lookups."""
+        key = (model, pool, phase, dialect)
+        found = self._meters.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*values)
+            found = self._meters[key] = RequestMeters(self, *key)
         return found
 
     def add_state(self, sources: list[GaugeSource]) -> None:
         """Register gauges read at scrape time from live state."""
         self.registry.register(StateCollector(sources))
+
+
+class RequestMeters:
+    """The metric children one kind of request records into, bound once (see Metrics.meters)."""
+
+    __slots__ = ("_by_status", "_labels", "_requests", "duration", "first_byte", "queue_wait")
+
+    def __init__(self, metrics: Metrics, model: str, pool: str, phase: str, dialect: str) -> None:
+        self.first_byte = metrics.first_byte.labels(model)
+        self.duration = metrics.request_duration.labels(model)
+        self.queue_wait = metrics.queue_wait.labels(pool, model)
+        self._requests, self._labels = metrics.requests, (model, phase, dialect)
+        self._by_status: dict[int, CounterChild] = {}
+
+    def answered(self, status: int) -> CounterChild:
+        """The request counter of answers with `status`."""
+        found = self._by_status.get(status)
+        if found is None:
+            found = self._by_status[status] = self._requests.labels(*self._labels, str(status))
+        return found
 
 
 class LoopFamily(Collector, Generic[Child]):

@@ -24,7 +24,7 @@ from warmpool.clientside import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.logs import new_request_id
-from warmpool.metrics import Metrics
+from warmpool.metrics import Metrics, RequestMeters
 from warmpool.rawbody import plain_utf8, upstream_body
 from warmpool.scheduler import Scheduler
 from warmpool.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
@@ -47,6 +47,7 @@ class Exchange:
     model: ModelConfig | None = None
     phase: str | None = None
     queue_wait: float = 0.0
+    meters: RequestMeters | None = None  # set with the model when metrics are on
 
     def tags(self) -> Headers:
         """The headers that name the model (and the phase that chose it) on every answer about a model."""
@@ -117,6 +118,8 @@ class Proxy:
         choice = routing.choose_model(
             self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
+        if self.metrics is not None:
+            ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect)
         backend = self.backends[ex.model.backend]
         if path in routing.MODEL_ADMIN:
             return await self._model_admin(ex, backend)
@@ -223,25 +226,23 @@ class Proxy:
 
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
         def observe() -> None:
-            if self.metrics and ex.model is not None:
-                first_byte = self.metrics.child(self.metrics.first_byte, ex.model.name)
-                first_byte.observe(time.monotonic() - ex.started)
+            if ex.meters is not None:
+                ex.meters.first_byte.observe(time.monotonic() - ex.started)
         return observe
 
     def _observe_queue(self, ex: Exchange) -> None:
-        if self.metrics and ex.model is not None:
-            waited = self.metrics.child(self.metrics.queue_wait, ex.model.backend, ex.model.name)
-            waited.observe(ex.queue_wait)
+        if ex.meters is not None:
+            ex.meters.queue_wait.observe(ex.queue_wait)
 
     def _account(self, ex: Exchange) -> None:
         seconds = time.monotonic() - ex.started
-        model = ex.model.name if ex.model else ""
         status = ex.reply.status
-        if self.metrics and ex.model is not None:
-            self.metrics.child(self.metrics.requests, model, ex.phase or "", ex.dialect, str(status)).inc()
-            self.metrics.child(self.metrics.request_duration, model).observe(seconds)
+        if ex.meters is not None:
+            ex.meters.answered(status).inc()
+            ex.meters.duration.observe(seconds)
         if not log.isEnabledFor(logging.INFO):
             return  # the line's arguments (two round()s, a dict) are not free
+        model = ex.model.name if ex.model else ""
         log.info("%s %s %s model=%s phase=%s wait=%.3fs %.3fs", ex.request.method, ex.request.path,
                  status, model or "-", ex.phase or "-", ex.queue_wait, seconds,
                  extra={"model": model, "phase": ex.phase, "status": status,
