@@ -187,6 +187,8 @@ class Connection(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.idle_deadline = 0.0
+        # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
 
@@ -238,7 +240,7 @@ class Connection(asyncio.Protocol):
         body = bytes(memoryview(self.buffer)[head.size:end])
         del self.buffer[:end]
         reply = SocketReply(self, keep_alive=not head.close)
-        self.exchange = asyncio.get_running_loop().create_task(self._run(Request(head, body), reply))
+        self.exchange = self.loop.create_task(self._run(Request(head, body), reply))
 
     async def _run(self, request: Request, reply: SocketReply) -> None:
         try:
@@ -311,7 +313,7 @@ class Connection(asyncio.Protocol):
 
     def _arm_idle_timer(self) -> None:
         # One timer that re-checks a moving deadline: a timer armed and cancelled per request costs more.
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.idle_deadline = loop.time() + KEEPALIVE_SECONDS
         if self.idle_timer is None:
             self.idle_timer = loop.call_at(self.idle_deadline, self._idle_check)
@@ -320,10 +322,10 @@ class Connection(asyncio.Protocol):
         self.idle_timer = None
         if self.exchange is not None:
             return  # re-armed when the exchange ends
-        if asyncio.get_running_loop().time() >= self.idle_deadline:
+        if self.loop.time() >= self.idle_deadline:
             self.close_if_idle()
         else:
-            self.idle_timer = asyncio.get_running_loop().call_at(self.idle_deadline, self._idle_check)
+            self.idle_timer = self.loop.call_at(self.idle_deadline, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
         if self.idle_timer is not None:

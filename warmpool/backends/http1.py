@@ -154,6 +154,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self.transport: asyncio.Transport | None = None
+        # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.response: Response | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -164,7 +166,7 @@ class Connection(asyncio.Protocol):
 
     def send(self, data: bytes, *, expect_body: bool) -> Response:
         assert self.transport is not None and self.response is None
-        self.response = Response(self, expect_body, self.origin.idle_timeout)
+        self.response = Response(self, expect_body, self.origin.idle_timeout, self.loop)
         self.transport.write(data)
         return self.response
 
@@ -211,7 +213,8 @@ class Response:
     and read(). close() releases it: back to the pool when the body was read to its end, else the
     connection is closed, which is how an upstream learns that its client left."""
 
-    def __init__(self, connection: Connection, expect_body: bool, idle_timeout: float) -> None:
+    def __init__(self, connection: Connection, expect_body: bool, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []  # as sent, in order
@@ -221,6 +224,7 @@ class Response:
         self._connection: Connection | None = connection
         self._expect_body = expect_body
         self._idle_timeout = idle_timeout
+        self._loop = loop
         self._buffer = b""  # bytes received but not yet parsed (head, chunk sizes)
         self._head_done = False
         self._framing = LENGTH
@@ -240,7 +244,7 @@ class Response:
         while not self._head_done:
             if self._error is not None:
                 raise self._error
-            await self._wait(deadline - asyncio.get_running_loop().time())
+            await self._wait(deadline - self._loop.time())
 
     def header(self, name: str) -> str | None:
         """A header's value (repeated ones joined with ", "), or None."""
@@ -281,7 +285,7 @@ class Response:
         timer on the future, not asyncio.timeout: every proxied request waits here at least once."""
         if timeout <= 0:
             raise TimeoutError
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = waiter = loop.create_future()
         timer = loop.call_later(timeout, self._silent, waiter)
         try:
