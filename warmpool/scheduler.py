@@ -140,6 +140,12 @@ class Pool:
         # While the model stays busy and nobody waits, a new plan would decide what the last one did.
         if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()
+        if state.inflight == 0:
+            self._tell_if_idle()
+
+    def _tell_if_idle(self) -> None:
+        if not self.closed and not any(m.inflight for m in self.models.values()):
+            self.backend.idle()
 
     async def _wait_for(self, model: str) -> float:
         if len(self.waiters) >= self.cfg.scheduler.max_queue:
@@ -308,7 +314,8 @@ class Pool:
         if self.metrics and record.ok and record.model:
             self.metrics.swap_duration.labels(self.name, record.model, record.source).observe(record.seconds)
         self.swap_task, self.swap_target, self.swap_source = None, None, None
-        self.replan()
+        self.replan()  # grants the waiters
+        self._tell_if_idle()
 
     # -- operator actions ---------------------------------------------------------------------------
 

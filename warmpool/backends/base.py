@@ -129,6 +129,11 @@ class Backend:
         """Bytes `model` is expected to occupy before it was ever loaded (0: unknown)."""
         return model.size or 0
 
+    def idle(self) -> None:
+        """Called by the scheduler when none of this backend's models has a request running (the last
+        one ended, or a swap ended with nobody waiting): a moment for background work that would slow a
+        generation down."""
+
     def base_url(self, model: ModelConfig | None) -> str:
         """Where requests for `model` go."""
         raise NotImplementedError

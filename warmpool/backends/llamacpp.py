@@ -3,6 +3,11 @@
 Loading starts a process (from a pre-imported spare when there is one) and runs a one-token warm-up, so
 a load is timed until the model can really answer; unloading stops the process. A process that dies on
 its own is reported to the scheduler, which reloads the model on the next request.
+
+The spare taken by a load is replaced once no request runs on the backend (or SPARE_REFILL_LATEST
+seconds after the load, whichever comes first), not at once: a starting Python process beside a
+generating llama.cpp server slows the generation sharply (its threads wait on each other), and the first
+request after a swap is the one that would pay.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendUnavailable
 
 log = logging.getLogger("warmpool.backends.llamacpp")
+SPARE_REFILL_LATEST = 30.0  # seconds after a load; for a backend that is never idle (max_resident > 1)
 
 
 class LlamaCppBackend(Backend):
@@ -29,6 +35,7 @@ class LlamaCppBackend(Backend):
         self.spares = SparePool(config)
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._refill: asyncio.Task[None] | None = None
+        self._refill_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         # Nothing upstream to ask: the backend is "healthy" once it can start processes; the spare
@@ -58,9 +65,11 @@ class LlamaCppBackend(Backend):
             warm_up = await server.warm_up()
         except BaseException:
             await server.stop()
-            raise
-        finally:
             self._refill_spare()
+            raise
+        if self._refill_timer is None:
+            loop = asyncio.get_running_loop()
+            self._refill_timer = loop.call_later(SPARE_REFILL_LATEST, self._refill_spare)
         self.servers[model.name] = server
         self._watchers[model.name] = asyncio.create_task(self._watch(model.name, server))
         return LoadResult(time.monotonic() - started, {**server.timings, "warm_up": warm_up},
@@ -80,7 +89,12 @@ class LlamaCppBackend(Backend):
             for name, server in self.servers.items() if server.alive
         ]
 
+    def idle(self) -> None:
+        self._refill_spare()
+
     async def close(self) -> None:
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
         if self._refill is not None:
             self._refill.cancel()
         await asyncio.gather(*(self.unload(self.models[n]) for n in list(self.servers)), return_exceptions=True)
@@ -95,6 +109,12 @@ class LlamaCppBackend(Backend):
             self.on_lost(name, f"server process exited with code {server.returncode}")
 
     def _refill_spare(self) -> None:
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
+        spare = self.spares.idle
+        if spare is not None and spare.alive:
+            return  # the usual case when a request ends: nothing to do, and no task for it
         if self.config.spare and (self._refill is None or self._refill.done()):
             self._refill = asyncio.create_task(self.spares.refill())
 
