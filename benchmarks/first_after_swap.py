@@ -8,7 +8,7 @@ time to first token, and first token to the end of the stream; then waits SETTLE
 `--compare PATH`, warmpool from that checkout is measured too, the two taking turns trial by trial (the
 machine is shared), and the table shows both with their ratio.
 
-    python benchmarks/first_after_swap.py [--trials N] [--think S] [--compare /path/to/other/checkout]
+    .venv/bin/python benchmarks/first_after_swap.py [--trials N] [--think S] [--compare /path/to/other/checkout]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Measures, with the real gemma-3 270M GGUF (page cache warm): interpreter start, 
 plain `python -m llama_cpp.server` spawn → healthy, spare worker settings → healthy, the one-token
 warm-up, and stop. Prints median and min over `--repeat` runs.
 
-    /work/venv/bin/python benchmarks/managed_swap.py [--repeat N]
+    .venv/bin/python benchmarks/managed_swap.py [--repeat N]
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ throughput on a busy machine), and the delay of each streamed SSE chunk from the
 sent it (every chunk carries its send time, `time.time_ns()`). "added" is proxied minus direct, paired
 within each round.
 
-    /work/venv/bin/python benchmarks/overhead.py [--quick] [--rounds N] [--only openai|ollama] [--json]
-    /work/venv/bin/python benchmarks/overhead.py --source /path/to/other/checkout   # compare a change
-    /work/venv/bin/python benchmarks/overhead.py --upstream   # just the fake upstream, for profiling
+    .venv/bin/python benchmarks/overhead.py [--quick] [--rounds N] [--only openai|ollama] [--json]
+    .venv/bin/python benchmarks/overhead.py --source /path/to/other/checkout   # compare a change
+    .venv/bin/python benchmarks/overhead.py --upstream   # just the fake upstream, for profiling
 """
 
 from __future__ import annotations

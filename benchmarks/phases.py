@@ -25,7 +25,7 @@ system ran (/proc/stat minus our own rusage), and `--repeat N` runs the systems 
 (medians of loads and wall time, TTFT over all samples). Everything runs on 127.0.0.1; every child runs
 in its own process group, dies with this process (PR_SET_PDEATHSIG) and is stopped in a `finally`.
 
-    /work/venv/bin/python benchmarks/phases.py [--seed N] [--agents N] [--rounds N] [--repeat N] [--quick]
+    .venv/bin/python benchmarks/phases.py [--seed N] [--agents N] [--rounds N] [--repeat N] [--quick]
 """
 
 from __future__ import annotations

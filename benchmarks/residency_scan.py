@@ -9,7 +9,7 @@ per GiB scanned, and extrapolated to 100 GiB of weights, with the share of one c
 when installed, is measured too, as found: other users of this machine share it, so it is never
 dropped or warmed. The written files are removed at the end.
 
-    /work/venv/bin/python benchmarks/residency_scan.py [--files 4] [--size 1] [--rounds 5] [--dir /tmp]
+    .venv/bin/python benchmarks/residency_scan.py [--files 4] [--size 1] [--rounds 5] [--dir /tmp]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ dropped file in 16 MiB chunks, like dd) or over the page cache's read rate (warm
 fully cached file). Every model file is a private copy in a temporary directory (a file another process
 maps cannot be dropped), removed at the end. Servers run with n_ctx 512 and warmpool's other defaults.
 
-    /work/venv/bin/python benchmarks/swap.py [--quick] [--repeat N] [--sizes-gb 1,4]
+    .venv/bin/python benchmarks/swap.py [--quick] [--repeat N] [--sizes-gb 1,4]
 """
 
 from __future__ import annotations
