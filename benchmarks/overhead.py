@@ -2,7 +2,7 @@
 
 Three processes on loopback: a fake OpenAI/Ollama upstream (aiohttp + uvloop, answers at once), warmpool
 itself (`python -m warmpool serve`, log level warning) and this client (uvloop). Requests are sent by a lean
-load generator (`KeepAlive`: a bare asyncio protocol, ~40 µs of CPU per request), so that direct runs
+load generator (`KeepAlive`: a bare asyncio protocol, 30–60 µs of CPU per request), so that direct runs
 measure the upstream, not the client; the c=16 run is repeated with aiohttp's client as the load generator
 (250–300 µs per request: it, not the upstream, limits the direct run) and reported beside it, and streams
 are read with aiohttp's client. Two warmpool routes to the same upstream are measured:
@@ -360,7 +360,7 @@ def request_body(model: str, stream: bool) -> bytes:
 
 class KeepAlive(asyncio.Protocol):
     """The load generator's connection: sends one fixed request at a time and reads its answer, which must
-    be a 200 with a Content-Length (every non-streamed answer here has one). About 40 µs of CPU per request,
+    be a 200 with a Content-Length (every non-streamed answer here has one). 30–60 µs of CPU per request,
     against 250–300 µs for aiohttp's client: with aiohttp's client as the load generator, direct runs
     measured the client (a whole core at c=16, while the upstream idled at ~60%), and on two cores the
     client then took CPU the proxy needs. This one leaves the cores to the servers being measured."""
@@ -408,8 +408,9 @@ class KeepAlive(asyncio.Protocol):
 def raw_request(url: str, path: str, body: bytes) -> tuple[str, int, bytes]:
     """Host, port and the bytes of a POST with the headers aiohttp's client sends."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\n"
-            f"User-Agent: warmpool-bench\r\nContent-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n")
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: */*\r\n"
+            f"Accept-Encoding: gzip, deflate\r\nUser-Agent: warmpool-bench\r\n"
+            f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n")
     return host, int(port), head.encode() + body
 
 
@@ -523,7 +524,8 @@ async def measure_target(url: str, model: str, settings: Settings, into: Samples
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16)) as session:
         # The same c=16 run with aiohttp's client as the load generator, reported beside the lean one.
         await timed_requests(session, url + CHAT, plain, settings.warmup, 16)
-        into.add("rps_c16_aiohttp", (await timed_requests(session, url + CHAT, plain, settings.requests_c16, 16)).rps)
+        run = await timed_requests(session, url + CHAT, plain, settings.requests_c16, 16)
+        into.add("rps_c16_aiohttp", run.rps)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         await chunk_delays(session, url + CHAT, streamed, 1)
         delays = await chunk_delays(session, url + CHAT, streamed, settings.streams)
