@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
 
-from warmpool.backends.http1 import encode_headers
+from warmpool.backends.http1 import encode_headers, fits_in_head
 from warmpool.clientside import Headers, Incoming, Reply, media_type
 
 log = logging.getLogger("warmpool.frontdoor")
@@ -410,15 +410,11 @@ def _bodiless(status: int) -> bool:
     return status < 200 or status in (204, 304)
 
 
-def _fits(text: str) -> bool:
-    return "\r" not in text and "\n" not in text
-
-
 _PHRASES = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
 
 def _reason(status: int, given: str) -> bytes:
-    if given and _fits(given):
+    if given and fits_in_head(given):
         return given.encode("utf-8", "replace")
     return _PHRASES.get(status, b"Unknown")
 

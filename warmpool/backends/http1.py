@@ -133,7 +133,7 @@ class Origin:
 
 def encode_headers(pairs: Iterable[tuple[str, str]]) -> bytes:
     """A header block for Origin.request; a name or value that would split the head is left out."""
-    lines = [f"{name}: {value}\r\n" for name, value in pairs if _fits(name) and _fits(value)]
+    lines = [f"{name}: {value}\r\n" for name, value in pairs if fits_in_head(name) and fits_in_head(value)]
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
@@ -144,7 +144,9 @@ def forwardable(raw: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes]) -> b
                      if name.lower() not in drop and b"\r" not in value and b"\n" not in value])
 
 
-def _fits(text: str) -> bool:
+def fits_in_head(text: str) -> bool:
+    """Whether `text` can go into a message head as a header name, value or reason phrase without ending
+    its line (a CR or LF there would let it add lines of its own)."""
     return "\r" not in text and "\n" not in text
 
 
