@@ -144,7 +144,7 @@ class Proxy:
         if not pool.take(name):
             if self._wants_feedback(ex):
                 return await self._inference_with_feedback(ex, backend, path, body, transform)
-            ex.queue_wait = await pool.acquire(name)
+            ex.queue_wait = await pool.wait_for(name)
         try:
             self._observe_queue(ex)
             await self._forward(ex, backend, path, body, transform)

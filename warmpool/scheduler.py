@@ -106,7 +106,7 @@ class Pool:
         """Take a lease on `model` (release it with `release`); returns the seconds spent waiting."""
         if self.take(model):
             return 0.0
-        return await self._wait_for(model)
+        return await self.wait_for(model)
 
     def take(self, model: str) -> bool:
         """Take a lease on `model` if that needs no wait, the usual case (the data path then pays no
@@ -147,7 +147,8 @@ class Pool:
         if not self.closed and not any(m.inflight for m in self.models.values()):
             self.backend.idle()
 
-    async def _wait_for(self, model: str) -> float:
+    async def wait_for(self, model: str) -> float:
+        """Queue for a lease on `model` (for when `take` just said no); returns the seconds waited."""
         if len(self.waiters) >= self.cfg.scheduler.max_queue:
             raise QueueFull(f"pool {self.name!r}: {len(self.waiters)} requests already waiting",
                             retry_after=self._retry_after())
