@@ -2,12 +2,12 @@
 
 aiohttp's server (request and response objects, router, a task per request) cost about as much CPU per
 request as all of warmpool's own logic; the front door parses request heads itself and writes answers
-straight to the transport. It takes
-only requests it fully understands: HTTP/1.1, a proxied path in plain form, GET, POST or DELETE, a body
-framed by one Content-Length within the size limit, no Transfer-Encoding, Expect or Upgrade, a clean head.
-At the first request it does not take, it hands the connection (with every byte it has buffered) to
-aiohttp's server, which serves it from then on: so the front door only ever declines, never refuses, and
-anything unusual is parsed, answered or rejected by aiohttp as before.
+straight to the transport. It takes only requests it fully understands: HTTP/1.1, a proxied path in plain
+form, GET, POST or DELETE, a body framed by one Content-Length within the size limit, no
+Transfer-Encoding, Expect or Upgrade, a clean head. At the first request it does not take, it hands the
+connection (with every byte it has buffered) to aiohttp's server, which serves it from then on: so the
+front door only ever declines, never refuses, and anything unusual is parsed, answered or rejected by
+aiohttp as before.
 """
 
 from __future__ import annotations
