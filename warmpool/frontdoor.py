@@ -291,7 +291,7 @@ class Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self.writing_paused and self.transport is not None:
-            self.drained = asyncio.get_running_loop().create_future()
+            self.drained = self.loop.create_future()
             await self.drained
 
     # -- lifetime ----------------------------------------------------------------------------------------

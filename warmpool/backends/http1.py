@@ -61,11 +61,11 @@ class Origin:
         """Send one request and wait for the head of its answer; the body is read from the Response.
         `headers` is an encoded block (see encode_headers, forwardable); Host and Content-Length are
         added here. TimeoutError when no head arrived within `timeout` seconds, connecting included."""
-        deadline = asyncio.get_running_loop().time() + timeout
         head = self._head(method, target, headers, body)
-        for attempt in range(2):
-            connection = self._checkout() if attempt == 0 else None
-            reused = connection is not None
+        reused = self._checkout()
+        # The kept connection's loop when there is one: get_running_loop() is a getpid() call on 3.11.
+        deadline = (reused.loop if reused is not None else asyncio.get_running_loop()).time() + timeout
+        for connection in (reused, None):
             if connection is None:
                 connection = await self._connect(deadline)
             response = connection.send(head + body if body else head, expect_body=method != "HEAD")
@@ -75,7 +75,7 @@ class Origin:
             except UpstreamBroken:
                 # A reused connection the upstream closed just as the request went out: the upstream
                 # never saw it, so it is sent again once, on a fresh connection.
-                if not (reused and response.nothing_received):
+                if not (connection is reused and response.nothing_received):
                     raise
             except BaseException:
                 response.close()
