@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from warmpool.defaults import embedded_default
+from warmpool.config.defaults import embedded_default
 
 PROMPT = "Write a short story about a robot who learns to paint."
 READY_TIMEOUT = 120.0

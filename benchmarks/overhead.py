@@ -12,7 +12,7 @@ are read with aiohttp's client. Two warmpool routes to the same upstream are mea
   scheduler's lease fast path (acquire, release, re-plan).
 
 For reference, a proxy with no logic at all is measured beside them (`--no-reference` skips it): warmpool's
-front door (frontdoor.py) and its upstream client (backends/http1.py) with nothing in between (no routing,
+front door (warmpool/http/server.py) and its upstream client (warmpool/http/client.py) with nothing in between (no routing,
 leases, metrics or rewriting); aiohttp's server in place of the front door for a `--source` checkout that
 has none. It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import signal
@@ -135,7 +136,7 @@ def fake_upstream(chunks: int, gap: float) -> web.Application:
 def reference_proxy(upstream: str) -> web.Application:
     """Forward every request to `upstream` and relay the answer: whole when its length is known, else
     chunk by chunk. Nothing else."""
-    from warmpool.backends.http1 import Origin  # from the checkout under test (PYTHONPATH)
+    Origin = checkout_module("warmpool.http.client", "warmpool.backends.http1").Origin  # noqa: N806
 
     origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
     json_type = b"Content-Type: application/json\r\n"
@@ -161,17 +162,27 @@ def reference_proxy(upstream: str) -> web.Application:
     return app
 
 
+def checkout_module(*names: str) -> Any:
+    """The first of `names` the checkout under test has (module paths moved with the package layout)."""
+    for name in names[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return importlib.import_module(names[-1])
+
+
 def reference_front_door(upstream: str) -> Callable[..., object] | None:
     """The same forwarding behind warmpool's front door; None for a checkout without one."""
     import warmpool
 
     try:
-        from warmpool import frontdoor
+        frontdoor = checkout_module("warmpool.http.server", "warmpool.frontdoor")
     except ImportError:
         return None
-    if Path(frontdoor.__file__).parent != Path(warmpool.__file__).parent:
+    if not Path(frontdoor.__file__).is_relative_to(Path(warmpool.__file__).parent):
         return None  # found beside the checkout under test (an editable install), not in it
-    from warmpool.backends.http1 import Origin
+    Origin = checkout_module("warmpool.http.client", "warmpool.backends.http1").Origin  # noqa: N806
 
     origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
     json_type = b"Content-Type: application/json\r\n"

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from warmpool import pagecache
+from warmpool.ramtier import pagecache
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -41,10 +41,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; the GGUF
 
 from synthetic_gguf import write_synthetic_gguf  # noqa: E402
 
-from warmpool import pagecache  # noqa: E402
 from warmpool.backends.llamacpp_process import ManagedServer  # noqa: E402
+from warmpool.cli.bench_pressure import evict_fraction, ready_spare  # noqa: E402
 from warmpool.config import BackendConfig, ModelConfig  # noqa: E402
-from warmpool.pressure import evict_fraction, ready_spare  # noqa: E402
+from warmpool.ramtier import pagecache  # noqa: E402
 
 GB = 10**9
 MIB = 1 << 20

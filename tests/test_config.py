@@ -236,9 +236,9 @@ def test_load_top_level_must_be_a_mapping(tmp_path: Path) -> None:
 
 
 def test_load_none_uses_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = types.ModuleType("warmpool.defaults")
+    fake = types.ModuleType("warmpool.config.defaults")
     fake.embedded_default = lambda: minimal(default_phase=None)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "warmpool.defaults", fake)
+    monkeypatch.setitem(sys.modules, "warmpool.config.defaults", fake)
     cfg = load_config(None, env={"WARMPOOL_LOG_LEVEL": "debug"})
     assert cfg.source == "<embedded default>"
     assert cfg.log.level == "debug"

@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 
 from tests.splits import bytewise
-from warmpool import frontdoor
-from warmpool.clientside import Incoming, Reply
-from warmpool.frontdoor import INCOMPLETE, Head, Lane, parse_head
+from warmpool.http import server as frontdoor
+from warmpool.http.exchange import Incoming, Reply
+from warmpool.http.server import INCOMPLETE, Head, Lane, parse_head
 
 PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/api/tags"})
 LIMIT = 1000

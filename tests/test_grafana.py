@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator
-from warmpool import pagecache
+from warmpool.ramtier import pagecache
 
 pytestmark = pytest.mark.timeout(60)
 

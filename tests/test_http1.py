@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.splits import Split, bytewise, sized, whole
-from warmpool.backends import http1
-from warmpool.backends.http1 import ConnectFailed, Origin, UpstreamBroken, encode_headers
+from warmpool.http import client as http1
+from warmpool.http.client import ConnectFailed, Origin, UpstreamBroken
+from warmpool.http.wire import encode_headers
 
 OPENSSL = shutil.which("openssl")
 

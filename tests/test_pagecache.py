@@ -1,4 +1,4 @@
-"""Tests for warmpool.pagecache on real files: residency checked against posix_fadvise, the three warming
+"""Tests for warmpool.ramtier.pagecache on real files: residency checked against posix_fadvise, the three warming
 strategies, dropping, and the errors (missing files, RLIMIT_MEMLOCK in a child process)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from warmpool import pagecache
-from warmpool.pagecache import PAGE_SIZE, Method, MlockLimitError, MlockPin, PageCacheError, Residency
+from warmpool.ramtier import pagecache
+from warmpool.ramtier.pagecache import PAGE_SIZE, Method, MlockLimitError, MlockPin, PageCacheError, Residency
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_mlock_pins_the_file_until_closed(tmp_path: Path) -> None:
 # CAP_SYS_RESOURCE (which may raise it again), as a process without privileges would be.
 CHILD = textwrap.dedent("""
     import ctypes, resource, sys
-    from warmpool.pagecache import MlockLimitError, MlockPin
+    from warmpool.ramtier.pagecache import MlockLimitError, MlockPin
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -292,7 +292,7 @@ def test_mlock_raises_the_soft_limit_to_the_hard_one(tmp_path: Path) -> None:
 # itself over the blobs of an Ollama service.
 NOBODY = textwrap.dedent("""
     import os, sys
-    from warmpool import pagecache
+    from warmpool.ramtier import pagecache
     os.setgid(65534)
     os.setuid(65534)
     path = sys.argv[1]

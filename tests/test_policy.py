@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from warmpool.policy import ModelState, Plan, PoolView, Waiter, plan
+from warmpool.scheduling.policy import ModelState, Plan, PoolView, Waiter, plan
 
 
 def pool(*models: ModelState, waiters: list[Waiter] | None = None, **kw: object) -> PoolView:

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 from synthetic_gguf import shape_for, write_synthetic_gguf
 
-from warmpool import pagecache
-from warmpool.config import BackendConfig, ModelConfig, config_from_mapping
-from warmpool.pressure import (
+from warmpool.cli.bench_pressure import (
     Counters,
     PressureRow,
     PressureSetupError,
@@ -27,6 +25,8 @@ from warmpool.pressure import (
     run_pressure,
     select_model,
 )
+from warmpool.config import BackendConfig, ModelConfig, config_from_mapping
+from warmpool.ramtier import pagecache
 
 pytestmark = pytest.mark.timeout(300)
 

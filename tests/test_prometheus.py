@@ -28,7 +28,13 @@ import yaml
 from tests.conftest import running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator
 from tests.test_grafana import (
-    generate, load_dashboard, metric_names, panel_exprs, to_promql, variable_queries, warmpool_config,
+    generate,
+    load_dashboard,
+    metric_names,
+    panel_exprs,
+    to_promql,
+    variable_queries,
+    warmpool_config,
     weight_files,
 )
 

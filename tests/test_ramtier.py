@@ -1,4 +1,4 @@
-"""Tests for warmpool.ramtier: the pure plan over many scenarios, priorities, the state file, and the RamTier
+"""Tests for warmpool.ramtier.tier: the pure plan over many scenarios, priorities, the state file, and the RamTier
 service on real files in tmp_path, with the memory numbers injected."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from warmpool import pagecache
-from warmpool.ramtier import (
+from warmpool.ramtier import pagecache
+from warmpool.ramtier.tier import (
     FileWarmth,
     MemoryAmount,
     ModelWarmth,
@@ -27,7 +27,7 @@ from warmpool.ramtier import (
     plan_warmth,
     rank_models,
 )
-from warmpool.weights import WeightFiles
+from warmpool.ramtier.weights import WeightFiles
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import REPO, running_warmpool
-from warmpool import pagecache
+from warmpool.ramtier import pagecache
 
 pytestmark = pytest.mark.timeout(300)
 

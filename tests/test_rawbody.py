@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from warmpool.rawbody import upstream_body, with_model
+from warmpool.proxy.rawbody import upstream_body, with_model
 
 
 def renamed(client: dict, new: str = "qwen2.5-coder:7b") -> dict:

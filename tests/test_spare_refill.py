@@ -14,7 +14,7 @@ from tests.conftest import eventually, llama_models
 from warmpool.backends import llamacpp
 from warmpool.backends.llamacpp import LlamaCppBackend
 from warmpool.config import config_from_mapping
-from warmpool.scheduler import Pool
+from warmpool.scheduling.pool import Pool
 
 pytestmark = pytest.mark.timeout(180)
 

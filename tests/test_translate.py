@@ -1,4 +1,4 @@
-"""warmpool.translate: Ollama ⇄ OpenAI mapping, fed payloads shaped like llama.cpp servers emit them."""
+"""warmpool.dialects.ollama_from_openai: Ollama ⇄ OpenAI mapping, fed payloads shaped like llama.cpp servers emit them."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from ollama import (
 )
 
 from tests.splits import Split, bytewise, sized, whole
-from warmpool import translate
+from warmpool.dialects import ollama_from_openai as translate
+from warmpool.dialects.ollama_from_openai import OllamaStreamTranslator
 from warmpool.errors import BadRequest
-from warmpool.translate import OllamaStreamTranslator
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 JPEG = "/9j/4AAQSkZJRgABAQEASABIAAD/2wBDAP"

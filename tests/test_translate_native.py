@@ -1,4 +1,4 @@
-"""warmpool.translate_native: OpenAI requests served through Ollama's native API, fed payloads shaped
+"""warmpool.dialects.openai_from_ollama: OpenAI requests served through Ollama's native API, fed payloads shaped
 like Ollama emits them and checked against the official `openai` SDK's models and stream reader."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from openai.types import Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.splits import Split, bytewise, sized, whole
-from warmpool import translate_native as native
+from warmpool.dialects import openai_from_ollama as native
+from warmpool.dialects.openai_from_ollama import OpenAIStreamTranslator
 from warmpool.errors import BadRequest
-from warmpool.translate_native import OpenAIStreamTranslator
 
 MODEL = "coder"  # the client-facing name
 UPSTREAM = "qwen2.5-coder:7b"

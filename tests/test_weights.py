@@ -1,4 +1,4 @@
-"""Tests for warmpool.weights: Ollama names and store layout (real manifest and blob files in tmp_path),
+"""Tests for warmpool.ramtier.weights: Ollama names and store layout (real manifest and blob files in tmp_path),
 modelfile FROM lines, split GGUFs, models_dirs and Hugging Face cache scans, and the reasons given when
 a model's files cannot be found."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from warmpool.config import ModelConfig, config_from_mapping
-from warmpool.weights import (
+from warmpool.ramtier.weights import (
     OllamaName,
     SearchRoots,
     default_hf_root,

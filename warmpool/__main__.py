@@ -1,3 +1,3 @@
-from warmpool.cli import main
+from warmpool.cli.main import main
 
 raise SystemExit(main())

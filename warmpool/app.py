@@ -13,18 +13,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from warmpool import admin, aiohttp_lane, frontdoor, residency, routing
+from warmpool.admin import routes as admin
+from warmpool.admin.gauges import backend_gauges, ram_tier_metrics, scheduler_gauges
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
 from warmpool.backends.ollama import OllamaBackend
 from warmpool.config import Config
+from warmpool.http import aiohttp_fallback, server
 from warmpool.metrics import Metrics
-from warmpool.preload import preload
-from warmpool.proxy import Proxy
-from warmpool.ramtier import RamTier
-from warmpool.ramtier_wiring import build_ram_tier, ram_tier_metrics
-from warmpool.scheduler import Scheduler
-from warmpool.state_gauges import backend_gauges, scheduler_gauges
+from warmpool.proxy import routing
+from warmpool.proxy.handler import Proxy
+from warmpool.ramtier.tier import RamTier
+from warmpool.ramtier.weights import SearchRoots, discover_all
+from warmpool.scheduling import residency
+from warmpool.scheduling.pool import Scheduler
+from warmpool.scheduling.preload import preload
 
 log = logging.getLogger("warmpool.app")
 
@@ -34,7 +37,7 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
 RAMTIER = web.AppKey("ramtier", object)  # RamTier | None
-FRONT_DOOR = web.AppKey("front_door", frontdoor.Lane)
+FRONT_DOOR = web.AppKey("front_door", server.Lane)
 
 
 def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -51,16 +54,35 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
     app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
     app[RAMTIER] = tier
-    app[FRONT_DOOR] = frontdoor.Lane(proxy.handle, routing.is_known_path, cfg.max_body_size)
+    app[FRONT_DOOR] = server.Lane(proxy.handle, routing.is_known_path, cfg.max_body_size)
     app.cleanup_ctx.append(_backends_lifecycle)
     app.on_shutdown.append(_stop_admitting)
     app.on_shutdown.append(_finish_front_door)
     admin.add_routes(app, cfg, backends, scheduler, metrics, tier)
-    handle = aiohttp_lane.handler(proxy.handle, cfg.max_body_size)
+    handle = aiohttp_fallback.handler(proxy.handle, cfg.max_body_size)
     for path in sorted(routing.INFERENCE | routing.MODEL_ADMIN | routing.LISTINGS):
         app.router.add_route("*", path, handle)  # a fixed path resolves in one dict lookup
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def build_ram_tier(cfg: Config, scheduler: Scheduler) -> RamTier | None:
+    """The RAM tier for `cfg`, hooked into every pool; None when `ram_tier.enabled` is false."""
+    rt = cfg.ram_tier
+    if not rt.enabled:
+        return None
+    roots = SearchRoots.from_settings(rt.ollama_models, rt.models_dirs, rt.hf_cache)
+    tier = RamTier(rt, discover_all(cfg, roots), preload=cfg.preload, phases=cfg.phases,
+                   in_backend=lambda: occupying(scheduler))
+    for pool in scheduler.pools.values():
+        pool.source_probe = tier.swap_source
+        pool.on_use = tier.record_use
+    return tier
+
+
+def occupying(scheduler: Scheduler) -> set[str]:
+    """Models loaded (or on their way in or out) in any backend: their files are never dropped."""
+    return {name for pool in scheduler.pools.values() for name, s in pool.models.items() if s.occupies}
 
 
 async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -101,7 +123,7 @@ async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]
                 on_ready: Callable[[str], None] | None = None, registry: CollectorRegistry | None = None) -> None:
     """Run warmpool until `shutdown_trigger` returns (default: SIGTERM or SIGINT).
 
-    The socket is the front door's (frontdoor.py); aiohttp's server gets the connections it hands over."""
+    The socket is the front door's (http/server.py); aiohttp's server gets the connections it hands over."""
     app = create_app(cfg, registry=registry)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.timeouts.shutdown,
                            access_log=None, handle_signals=False)

@@ -15,7 +15,8 @@ import json
 import time
 from typing import Any
 
-from warmpool.backends.base import Backend, LoadResult, ResidentModel, read_json, send
+from warmpool.backends.base import Backend, LoadResult, ResidentModel
+from warmpool.backends.control import read_json, send
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BadRequest
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from warmpool.backends.base import Backend, ResidentModel, read_json, send
+from warmpool.backends.base import Backend, ResidentModel
+from warmpool.backends.control import read_json, send
 from warmpool.config import ModelConfig
 from warmpool.errors import BackendError
 

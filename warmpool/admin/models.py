@@ -1,0 +1,145 @@
+"""The per-model admin API and the checks every admin endpoint shares (admin key, known model): every model's tiers (`GET /warmpool/models`), and warming or evicting a
+model's weight files in the page cache (`POST /warmpool/models/{name}/warm|evict`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from warmpool.config import Config
+from warmpool.http import auth
+from warmpool.ramtier.tier import RamTier, RamTierError
+from warmpool.scheduling.pool import Scheduler
+
+PROGRESS_INTERVAL = 0.2  # seconds between progress lines
+
+
+def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, tier: RamTier | None,
+                     admin_keys: list[bytes]) -> None:
+    async def models(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        return web.json_response({"models": [model_view(name, cfg, scheduler, tier) for name in cfg.models]})
+
+    async def warm(request: web.Request) -> web.StreamResponse:
+        require_admin(request, admin_keys)
+        name = known_model(request, cfg)
+        active = _tier_or_409(tier)
+        if request.query.get("progress"):
+            return await _warm_with_progress(request, active, name)
+        try:
+            result = await active.warm(name)
+        except RamTierError as exc:
+            raise _conflict(str(exc)) from None
+        return web.json_response(_warm_answer(name, result.bytes_warmed, result.held, active))
+
+    async def evict(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        name = known_model(request, cfg)
+        try:
+            dropped = await _tier_or_409(tier).evict(name)
+        except RamTierError as exc:
+            raise _conflict(str(exc)) from None
+        return web.json_response({"model": name, "bytes_dropped": dropped, **_residency(tier, name)})
+
+    app.router.add_get("/warmpool/models", models)
+    app.router.add_post("/warmpool/models/{name}/warm", warm)
+    app.router.add_post("/warmpool/models/{name}/evict", evict)
+
+
+def known_model(request: web.Request, cfg: Config) -> str:
+    name = request.match_info["name"]
+    if name not in cfg.models:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"model '{name}' not found"}),
+                               content_type="application/json")
+    return name
+
+
+def require_admin(request: web.Request, keys: list[bytes]) -> None:
+    if not auth.accepted(auth.bearer(request.headers), keys):
+        raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
+                                   headers={"WWW-Authenticate": "Bearer"})
+
+
+def model_view(name: str, cfg: Config, scheduler: Scheduler, tier: RamTier | None) -> dict[str, Any]:
+    """One model across the tiers: backend residency, its files, how much of them is in RAM, its use."""
+    model = cfg.models[name]
+    state = scheduler.pool_of(name).models[name]
+    view: dict[str, Any] = {"name": name, "backend": model.backend, "upstream_name": model.upstream_name,
+                            "status": state.status, "resident": state.status == "resident"}
+    if tier is None:
+        return {**view, "ram_tier": None, "reason": "ram_tier.enabled is false"}
+    snap = tier.snapshot()["models"].get(name, {})
+    usage = tier.state.models.get(name)
+    return {
+        **view, "tier": snap.get("tier"), "files": snap.get("files", []), "size": snap.get("bytes_total"),
+        "bytes_in_ram": snap.get("bytes_resident"), "percent_in_ram": snap.get("percent"),
+        "last_used": usage.last_used if usage else None, "use_count": usage.count if usage else 0,
+        "reason": snap.get("reason"),
+    }
+
+
+async def _warm_with_progress(request: web.Request, tier: RamTier, name: str) -> web.StreamResponse:
+    """NDJSON: {"bytes": n} lines while warming, then the result line (for the CLI's progress bar)."""
+    total = _size_of(tier, name)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    pending: list[int] = []
+    last = [0.0]
+
+    def progress(done: int) -> None:
+        pending.append(done)
+
+    async def flush() -> None:
+        if pending and time.monotonic() - last[0] >= PROGRESS_INTERVAL:
+            last[0] = time.monotonic()
+            await response.write(_line({"bytes": pending[-1], "total": total}))
+
+    task = request.loop.create_task(tier.warm(name, progress))
+    while not task.done():
+        await flush()
+        await _wait(task, PROGRESS_INTERVAL)
+    try:
+        result = task.result()
+        await response.write(_line(_warm_answer(name, result.bytes_warmed, result.held, tier)))
+    except RamTierError as exc:
+        await response.write(_line({"error": str(exc)}))
+    await response.write_eof()
+    return response
+
+
+async def _wait(task: Any, seconds: float) -> None:
+    await asyncio.wait({task}, timeout=seconds)
+
+
+def _size_of(tier: RamTier, name: str) -> int:
+    measured = tier.model_residency(name)
+    return measured.bytes_total if measured else 0
+
+
+def _warm_answer(name: str, warmed: int, held: str | None, tier: RamTier) -> dict[str, Any]:
+    return {"model": name, "bytes_warmed": warmed, "held": held, **_residency(tier, name)}
+
+
+def _residency(tier: RamTier | None, name: str) -> dict[str, Any]:
+    measured = tier.model_residency(name) if tier else None
+    if measured is None:
+        return {"bytes_in_ram": None, "percent_in_ram": None}
+    return {"bytes_in_ram": measured.bytes_resident, "percent_in_ram": round(measured.percent, 1)}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def _tier_or_409(tier: RamTier | None) -> RamTier:
+    if tier is None:
+        raise _conflict("the RAM tier is disabled (ram_tier.enabled: false)")
+    return tier
+
+
+def _conflict(message: str) -> web.HTTPConflict:
+    return web.HTTPConflict(text=json.dumps({"error": message}), content_type="application/json")

@@ -1,0 +1,101 @@
+"""warmpool's own endpoints: liveness, readiness, metrics and the status API (admin-key protected when set)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from warmpool.admin.models import add_model_routes, known_model, require_admin
+from warmpool.backends.base import Backend
+from warmpool.config import Config
+from warmpool.errors import BackendError, WarmpoolError
+from warmpool.metrics import Metrics
+from warmpool.ramtier.tier import RamTier
+from warmpool.scheduling.pool import Scheduler
+
+log = logging.getLogger("warmpool.admin")
+STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
+STARTUP_SYNC_TIMEOUT = 3.0
+
+
+def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
+               metrics: Metrics, tier: RamTier | None = None) -> None:
+    admin_keys = [k.encode() for k in cfg.auth.admin_keys]
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        waiting = [b.name for b in backends.values() if not b.healthy_once]
+        if waiting:
+            return web.json_response({"status": "waiting", "backends_not_answered": waiting}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics_endpoint(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        ram = tier.snapshot() if tier is not None else {"enabled": False}
+        return web.json_response({**scheduler.snapshot(), "ram_tier": ram})
+
+    async def load(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        name = known_model(request, cfg)
+        try:
+            seconds = await scheduler.pool_of(name).load(name)
+        except WarmpoolError as error:
+            return web.json_response(error.ollama_body(), status=error.status)
+        return web.json_response({"model": name, "status": "resident", "seconds": round(seconds, 4)})
+
+    async def unload(request: web.Request) -> web.Response:
+        require_admin(request, admin_keys)
+        name = known_model(request, cfg)
+        try:
+            was_loaded = await scheduler.pool_of(name).unload(name, cfg.scheduler.queue_timeout)
+        except TimeoutError:
+            return web.json_response({"error": f"{name} still busy after {cfg.scheduler.queue_timeout:g} s"},
+                                     status=504)
+        return web.json_response({"model": name, "status": "absent", "was_loaded": was_loaded})
+
+    app.router.add_post("/warmpool/models/{name}/load", load)
+    app.router.add_post("/warmpool/models/{name}/unload", unload)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    async def page(request: web.Request) -> web.Response:
+        # The page itself holds no data; its fetches carry the admin key when one is required.
+        return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/warmpool/status", status)
+    app.router.add_get("/warmpool/", page)
+    app.router.add_get("/warmpool", page)
+    add_model_routes(app, cfg, scheduler, tier, admin_keys)
+
+
+async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> None:
+    """At start: learn what each managed backend already has loaded, all at once and each within
+    STARTUP_SYNC_TIMEOUT, so a hung backend cannot hold up listening; one that does not answer is
+    learned later (the residency poller, or the first swap)."""
+    managed = {name: b for name, b in backends.items() if b.managed}
+    await asyncio.gather(*(_sync_one(scheduler, name, b) for name, b in managed.items()))
+
+
+async def _sync_one(scheduler: Scheduler, name: str, backend: Backend) -> None:
+    try:
+        async with asyncio.timeout(STARTUP_SYNC_TIMEOUT):
+            residents = await backend.resident()
+    except TimeoutError:
+        log.warning("backend %s: no answer about its loaded models within %g s", name, STARTUP_SYNC_TIMEOUT)
+        return
+    except BackendError as exc:
+        log.warning("backend %s: cannot read its loaded models yet: %s", name, exc.reason)
+        return
+    for resident in residents:
+        scheduler.pools[name].mark_resident(resident.name)

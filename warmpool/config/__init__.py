@@ -1,0 +1,26 @@
+"""Configuration: the frozen dataclasses every other module reads (model), and the only code that builds
+them: finding and loading the file (load), validation with key paths (schema), value parsers (values),
+the redacted view (redact) and the embedded default (defaults)."""
+
+from warmpool.config.load import config_from_mapping, discover_config_path, load_config
+from warmpool.config.model import (
+    AuthConfig,
+    BackendConfig,
+    BackendKind,
+    Config,
+    LogConfig,
+    MemoryAmount,
+    ModelConfig,
+    RamTierConfig,
+    SchedulerConfig,
+    Strategy,
+    TimeoutsConfig,
+)
+from warmpool.config.redact import redacted
+from warmpool.config.values import parse_duration, parse_size
+
+__all__ = [
+    "AuthConfig", "BackendConfig", "BackendKind", "Config", "LogConfig", "MemoryAmount", "ModelConfig",
+    "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig", "config_from_mapping",
+    "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
+]

@@ -1,0 +1,89 @@
+"""Response transforms for translated requests: each turns one upstream dialect's answer (whole, error or
+streamed) into the dialect the client spoke. The relay drives them; the translation itself is pure
+(ollama_from_openai.py: OpenAI → Ollama, openai_from_ollama.py: Ollama → OpenAI)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Protocol
+
+from warmpool.dialects import ollama_from_openai, openai_from_ollama
+
+
+class Streamer(Protocol):
+    def feed(self, data: bytes) -> list[bytes]: ...
+    def finish(self) -> list[bytes]: ...
+
+
+class Transform(Protocol):
+    stream: bool  # whether the client gets a stream
+    content_type: str  # of that stream
+    error_dialect: str  # how to report a failure mid-stream
+
+    def error_body(self, raw: bytes, status: int) -> bytes: ...
+    def whole_body(self, raw: bytes) -> bytes: ...
+    def streamer(self) -> Streamer: ...
+
+
+class OllamaFromOpenAI:
+    """An OpenAI upstream (llama.cpp) answering an Ollama client."""
+
+    content_type = "application/x-ndjson"
+    error_dialect = "ollama"
+
+    def __init__(self, ollama_path: str, model: str, ollama_body: dict[str, Any]) -> None:
+        self.path = ollama_path
+        self.model = model
+        self.kind = "chat" if ollama_path == "/api/chat" else "generate"
+        self.embedding = ollama_path in ("/api/embed", "/api/embeddings")
+        self.stream = bool(ollama_body.get("stream", True)) and not self.embedding
+        self.started = time.monotonic()
+
+    def error_body(self, raw: bytes, status: int) -> bytes:
+        return json.dumps(ollama_from_openai.openai_error_to_ollama(raw)).encode()
+
+    def whole_body(self, raw: bytes) -> bytes:
+        data = json.loads(raw)
+        ns = int((time.monotonic() - self.started) * 1e9)
+        if self.embedding:
+            out = ollama_from_openai.openai_embeddings_to_ollama(self.path, self.model, data, total_duration_ns=ns)
+        else:
+            out = ollama_from_openai.openai_response_to_ollama(self.kind, self.model, data, total_duration_ns=ns)
+        return json.dumps(out).encode()
+
+    def streamer(self) -> Streamer:
+        return ollama_from_openai.OllamaStreamTranslator(self.kind, self.model, started=self.started)
+
+
+class OpenAIFromOllama:
+    """Ollama's native API answering an OpenAI client (so the model's load-time options travel along)."""
+
+    content_type = "text/event-stream"
+    error_dialect = "openai"
+
+    def __init__(self, openai_path: str, model: str, openai_body: dict[str, Any]) -> None:
+        self.model = model
+        self.kind = "chat" if openai_path == "/v1/chat/completions" else "completion"
+        self.embedding = openai_path == "/v1/embeddings"
+        self.stream = bool(openai_body.get("stream", False)) and not self.embedding
+        self.include_usage = openai_from_ollama.wants_usage(openai_body)
+        self.encoding = str(openai_body.get("encoding_format") or "float")
+
+    def error_body(self, raw: bytes, status: int) -> bytes:
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {"error": raw.decode(errors="replace")}
+        return json.dumps(ollama_from_openai.ollama_error_to_openai(body if isinstance(body, dict) else {}, status)).encode()
+
+    def whole_body(self, raw: bytes) -> bytes:
+        data = json.loads(raw)
+        if self.embedding:
+            out = openai_from_ollama.ollama_embed_to_openai(self.model, data, encoding_format=self.encoding)
+        else:
+            out = openai_from_ollama.ollama_response_to_openai(self.kind, self.model, data)
+        return json.dumps(out).encode()
+
+    def streamer(self) -> Streamer:
+        return openai_from_ollama.OpenAIStreamTranslator(self.kind, self.model, include_usage=self.include_usage)

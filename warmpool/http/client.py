@@ -1,0 +1,457 @@
+"""The data path's HTTP/1.1 client: keep-alive connections to an upstream, each request written in one
+call, the response head parsed once and its body handed on chunk by chunk as it arrives.
+
+Why not aiohttp's client here: on the proxy's hot path it cost about 70 µs of the 250 µs warmpool spent
+on each request (benchmarks/overhead.py), for features a reverse proxy does not use (redirects, cookies,
+decompression, a request model). Calls the proxy makes on its own behalf (load, unload, /api/ps) still
+use aiohttp. Bodies are passed through untouched: chunked transfer coding is undone, content coding is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections import deque
+from urllib.parse import quote
+
+from yarl import URL
+
+MAX_HEAD = 64 * 1024  # bytes of status line and headers an upstream may send
+HIGH_WATER = 256 * 1024  # body bytes buffered before reading from the upstream pauses
+# An idle connection is not reused after this long: llama.cpp (uvicorn, cpp-httplib) and most servers
+# close idle keep-alive connections after 5 s, and a request written as they close is lost.
+KEEPALIVE_SECONDS = 4.0
+NO_BODY_STATUSES = frozenset({204, 304})
+SAFE_TARGET = "/?&=%:+,;@!$'()*~-._"
+UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")  # non-ASCII, spaces, controls, a fragment
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # int(x, 16) alone would take "-1", "+5", "0x1f", "1_0"
+
+
+class UpstreamBroken(Exception):
+    """The upstream closed or broke the connection, or did not speak HTTP/1.x."""
+
+
+class ConnectFailed(UpstreamBroken):
+    """No connection to the upstream could be opened."""
+
+
+class Origin:
+    """Keep-alive connections to one upstream (scheme, host, port, and a path prefix)."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float, idle_timeout: float) -> None:
+        url = URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.host = url.host
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if url.scheme == "https" else None
+        host = f"[{url.raw_host}]" if ":" in (url.raw_host or "") else url.raw_host
+        self.host_header = host if url.is_default_port() else f"{host}:{self.port}"
+        self.prefix = url.raw_path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self._idle: list[Connection] = []
+        self.open_connections = 0  # idle or carrying a request
+
+    async def request(self, method: str, target: str, headers: bytes, body: bytes, *,
+                      timeout: float) -> Response:
+        """Send one request and wait for the head of its answer; the body is read from the Response.
+        `headers` is an encoded block (see wire.encode_headers, wire.forwardable); Host and Content-Length are
+        added here. TimeoutError when no head arrived within `timeout` seconds, connecting included."""
+        head = self._head(method, target, headers, body)
+        reused = self._checkout()
+        # The kept connection's loop when there is one: get_running_loop() is a getpid() call on 3.11.
+        deadline = (reused.loop if reused is not None else asyncio.get_running_loop()).time() + timeout
+        for connection in (reused, None):
+            if connection is None:
+                connection = await self._connect(deadline)
+            response = connection.send(head + body if body else head, expect_body=method != "HEAD")
+            try:
+                await response.head_received(deadline)
+                return response
+            except UpstreamBroken:
+                # A reused connection the upstream closed just as the request went out: the upstream
+                # never saw it, so it is sent again once, on a fresh connection.
+                if not (connection is reused and response.nothing_received):
+                    raise
+            except BaseException:
+                response.close()
+                raise
+        raise AssertionError("unreachable: the second attempt uses a fresh connection")
+
+    def close(self) -> None:
+        """Close the idle connections (connections in use close when their response does)."""
+        for connection in self._idle:
+            connection.abort()
+        self._idle.clear()
+
+    def _head(self, method: str, target: str, headers: bytes, body: bytes) -> bytes:
+        target = self.prefix + target
+        if UNSAFE_IN_TARGET.search(target):
+            target = quote(target, safe=SAFE_TARGET)
+        sends_body = body or method in ("POST", "PUT", "PATCH", "DELETE")
+        length = f"Content-Length: {len(body)}\r\n" if sends_body else ""
+        start = f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+        return b"%s%s%s\r\n" % (start.encode("ascii"), headers, length.encode("ascii"))
+
+    def _checkout(self) -> Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < KEEPALIVE_SECONDS:
+                return connection
+            connection.abort()
+        return None
+
+    def checkin(self, connection: Connection) -> None:
+        connection.idle_since = time.monotonic()
+        self._idle.append(connection)
+
+    def discard(self, connection: Connection) -> None:
+        if connection in self._idle:
+            self._idle.remove(connection)
+
+    async def _connect(self, deadline: float) -> Connection:
+        loop = asyncio.get_running_loop()
+        connect_by = loop.time() + self.connect_timeout
+        try:
+            async with asyncio.timeout_at(min(deadline, connect_by)):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(self), self.host, self.port, ssl=self.tls,
+                    server_hostname=self.host if self.tls else None)
+        except TimeoutError:
+            if deadline < connect_by:
+                raise  # the whole request's time ran out first
+            raise ConnectFailed(f"no connection within {self.connect_timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectFailed(exc.strerror or str(exc)) from exc
+        return connection
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection; it carries one request at a time and feeds the bytes to that request's Response."""
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
+        self.response: Response | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.origin.open_connections += 1
+
+    def send(self, data: bytes, *, expect_body: bool) -> Response:
+        assert self.transport is not None and self.response is None
+        self.response = Response(self, expect_body, self.origin.idle_timeout, self.loop)
+        self.transport.write(data)
+        return self.response
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:
+            self.abort()  # bytes nobody asked for: this connection can no longer be trusted
+            return
+        self.response.feed(data)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.origin.open_connections -= 1
+        self.origin.discard(self)
+        if self.response is not None:
+            self.response.lost(exc)
+
+    def finished(self, reusable: bool) -> None:
+        """The response is complete: the connection goes back to its origin, or is closed."""
+        self.response = None
+        if reusable and not self.closed:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self.origin.checkin(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# Body framing
+LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2
+# Chunked decoding steps
+SIZE, DATA, DATA_END, TRAILER = 0, 1, 2, 3
+
+
+class Response:
+    """An upstream's answer: status, reason and headers once the head is in; the body through readany()
+    and read(). close() releases it: back to the pool when the body was read to its end, else the
+    connection is closed, which is how an upstream learns that its client left."""
+
+    def __init__(self, connection: Connection, expect_body: bool, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []  # as sent, in order
+        self._fields: dict[str, str] = {}  # by lower-case name
+        self.content_length: int | None = None
+        self.nothing_received = True
+        self._connection: Connection | None = connection
+        self._expect_body = expect_body
+        self._idle_timeout = idle_timeout
+        self._loop = loop
+        self._buffer = b""  # bytes received but not yet parsed (head, chunk sizes)
+        self._head_done = False
+        self._framing = LENGTH
+        self._remaining = 0  # body bytes still due (LENGTH) or of the current chunk (CHUNKED)
+        self._step = SIZE
+        self._keep_alive = True
+        self._done = False
+        self._error: BaseException | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- reading (the relay's side) ------------------------------------------------------------------------
+
+    async def head_received(self, deadline: float) -> None:
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait(deadline - self._loop.time())
+
+    def header(self, name: str) -> str | None:
+        """A header's value (repeated ones joined with ", "), or None."""
+        return self._fields.get(name.lower())
+
+    async def readany(self) -> bytes:
+        """The body bytes that have arrived since the last call, waiting for some if none have;
+        b"" at the end of the body. Silence longer than the idle timeout raises TimeoutError."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            await self._wait(self._idle_timeout)
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused and self._connection is not None and self._connection.transport is not None:
+            self._paused = False
+            self._connection.transport.resume_reading()
+        return data
+
+    async def read(self) -> bytes:
+        """The whole (rest of the) body."""
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.response = None
+            connection.abort()  # mid-body: the upstream must see the client go
+
+    async def _wait(self, timeout: float) -> None:
+        """Until the connection has news for this response; TimeoutError after `timeout` seconds. A bare
+        timer on the future, not asyncio.timeout: every proxied request waits here at least once."""
+        if timeout <= 0:
+            raise TimeoutError
+        loop = self._loop
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout, self._silent, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
+
+    @staticmethod
+    def _silent(waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- receiving (the connection's side) -----------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self.nothing_received = False
+        try:
+            if not self._head_done:
+                data = self._feed_head(data)
+                if not self._head_done:
+                    return
+            if data or self._buffer:
+                self._feed_body(data)
+        except UpstreamBroken as exc:
+            self._fail(exc)
+            return
+        if self._done:
+            self._finish()
+        elif self._buffered > HIGH_WATER and not self._paused and self._connection is not None:
+            self._paused = True
+            self._connection.transport.pause_reading()  # type: ignore[union-attr]
+        self._wake()
+
+    def lost(self, exc: Exception | None) -> None:
+        self._connection = None
+        if self._done:
+            return
+        if self._head_done and self._framing == UNTIL_CLOSE:
+            self._done = True  # the body ends where the connection does
+        else:
+            reason = f": {exc}" if exc else ""
+            where = "mid-response" if self._head_done else "before the response"
+            self._error = UpstreamBroken(f"the upstream closed the connection {where}{reason}")
+        self._wake()
+
+    def _fail(self, error: UpstreamBroken) -> None:
+        self._error = error
+        self.close()  # what it sent cannot be trusted, nor anything after it
+        self._wake()
+
+    def _finish(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.finished(self._keep_alive)
+
+    def _feed_head(self, data: bytes) -> bytes:
+        """Parse the status line and headers; returns the bytes after them."""
+        buffer = self._buffer + data if self._buffer else data
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    raise UpstreamBroken(f"response head larger than {MAX_HEAD} bytes")
+                self._buffer = buffer
+                return b""
+            head, buffer = buffer[:end], buffer[end + 4:]
+            self._parse_head(head)
+            if self.status >= 200:
+                break
+            self.headers, self._fields = [], {}  # an interim 1xx answer: the real one follows
+        self._buffer = b""
+        self._choose_framing()  # may refuse the head: only then is it done
+        self._head_done = True
+        return buffer
+
+    def _parse_head(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
+            raise UpstreamBroken(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+        self.status, self.reason = int(code), reason
+        if version == "HTTP/1.0":
+            self._keep_alive = False
+        headers, fields = self.headers, self._fields
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise UpstreamBroken(f"malformed response header: {line[:80]!r}")
+            value = value.strip()
+            if not value.isascii():
+                value = _utf8(value)
+            headers.append((name, value))
+            lowered = name.lower()
+            fields[lowered] = f"{fields[lowered]}, {value}" if lowered in fields else value
+
+    def _choose_framing(self) -> None:
+        transfer = self.header("Transfer-Encoding")
+        length = self.header("Content-Length")
+        connection = (self.header("Connection") or "").lower()
+        if "close" in connection:
+            self._keep_alive = False
+        elif "keep-alive" in connection:
+            self._keep_alive = True
+        if not self._expect_body or self.status in NO_BODY_STATUSES:
+            self.content_length = 0
+            self._done = True
+        elif transfer is not None:
+            if transfer.lower().rsplit(",", 1)[-1].strip() != "chunked":
+                raise UpstreamBroken(f"unsupported Transfer-Encoding: {transfer!r}")
+            self._framing = CHUNKED
+            if length is not None:
+                self._keep_alive = False  # both framings announced: RFC 9112 §6.3 says close afterwards
+        elif length is not None:
+            if not length.isdigit():
+                raise UpstreamBroken(f"invalid Content-Length: {length!r}")
+            self.content_length = self._remaining = int(length)
+            self._done = self._remaining == 0
+        else:
+            self._framing = UNTIL_CLOSE
+            self._keep_alive = False
+
+    def _feed_body(self, data: bytes) -> None:
+        if self._framing == LENGTH:
+            if len(data) > self._remaining:
+                self._keep_alive = False  # more than announced: the rest is garbage, not a next response
+                data = data[:self._remaining]
+            self._remaining -= len(data)
+            self._take(data)
+            self._done = self._remaining == 0
+        elif self._framing == UNTIL_CLOSE:
+            self._take(data)
+        else:
+            self._feed_chunked(self._buffer + data if self._buffer else data)
+
+    def _take(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+
+    def _feed_chunked(self, data: bytes) -> None:
+        """Undo chunked transfer coding (RFC 9112 §7.1); chunk extensions and trailers are dropped."""
+        position, size = 0, len(data)
+        while position < size and not self._done:
+            if self._step == DATA:
+                take = min(self._remaining, size - position)
+                self._take(data[position:position + take])
+                position += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._step = DATA_END
+                continue
+            end = data.find(b"\r\n", position)
+            if end < 0:
+                if size - position > MAX_HEAD:
+                    raise UpstreamBroken("chunk size line too long")
+                break
+            line = data[position:end]
+            position = end + 2
+            if self._step == SIZE:
+                digits = line.split(b";", 1)[0].strip()
+                if not CHUNK_SIZE.fullmatch(digits):
+                    raise UpstreamBroken(f"invalid chunk size: {line[:40]!r}")
+                self._remaining = int(digits, 16)
+                self._step = DATA if self._remaining else TRAILER
+            elif self._step == DATA_END:
+                if line:
+                    raise UpstreamBroken("chunk not followed by CRLF")
+                self._step = SIZE
+            elif not line:  # TRAILER: an empty line ends the body
+                self._done = True
+        if self._done and position < size:
+            self._keep_alive = False  # bytes after the last chunk: not the start of a next response
+        self._buffer = data[position:] if position < size and not self._done else b""
+
+
+def _utf8(value: str) -> str:
+    """Header values are read as Latin-1 (every byte survives); UTF-8 ones are turned back into text."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return value

@@ -1,0 +1,288 @@
+"""The data path: one handler that routes, leases, forwards and relays, and renders every error in the
+client's dialect. It sees the client only through `exchange.Incoming` and `exchange.Reply`, so the
+front door and aiohttp's server both carry it.
+
+Streams are relayed chunk by chunk as they arrive; nothing is buffered. An Ollama-dialect request for a
+model on an OpenAI-speaking backend (managed llama.cpp, openai) is translated on the way in and out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from warmpool.backends.base import Backend
+from warmpool.backends.ollama import ollama_keep_alive
+from warmpool.config import Config, ModelConfig, parse_duration
+from warmpool.dialects import ollama_from_openai, openai_from_ollama
+from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
+from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
+from warmpool.http import auth
+from warmpool.http.client import Response
+from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
+from warmpool.logs import new_request_id
+from warmpool.metrics import Metrics, RequestMeters
+from warmpool.proxy import feedback, listings, relay, routing
+from warmpool.proxy.rawbody import plain_utf8, upstream_body
+from warmpool.scheduling.pool import Scheduler
+
+log = logging.getLogger("warmpool.access")
+MODEL_HEADER = "X-Warmpool-Model"
+PHASE_HEADER = routing.PHASE_HEADER
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request carries through the data path; filled in as it goes."""
+
+    request: Incoming
+    reply: Reply
+    dialect: str
+    started: float
+    body: dict[str, Any] = field(default_factory=dict)
+    raw: bytes = b""  # the body as the client sent it
+    model: ModelConfig | None = None
+    phase: str | None = None
+    queue_wait: float = 0.0
+    meters: RequestMeters | None = None  # set with the model when metrics are on
+
+    def tags(self) -> Headers:
+        """The headers that name the model (and the phase that chose it) on every answer about a model."""
+        tags = [] if self.model is None else [(MODEL_HEADER, self.model.name)]
+        if self.phase is not None:
+            tags.append((PHASE_HEADER, self.phase))
+        return tags
+
+    async def answer(self, answer: Answer) -> None:
+        await answer.send(self.reply, self.tags())
+
+    async def send(self, backend: Backend, path: str, body: dict[str, Any]) -> Response:
+        """Forward the request to `backend` at `path`: the client's raw headers and query, and `body`
+        made from the client's bytes where it can be."""
+        assert self.model is not None
+        return await backend.forward(self.model, self.request.method, path, self.request.raw_headers,
+                                     upstream_body(body, self.body, self.raw),
+                                     query=self.request.query)
+
+
+class Proxy:
+    """Holds what the handler needs: config, backends, scheduler, metrics."""
+
+    def __init__(self, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
+                 metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.backends = backends
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.aliases = routing.model_aliases(cfg)
+        self.api_keys = [k.encode() for k in cfg.auth.api_keys]
+
+    async def handle(self, request: Incoming, reply: Reply) -> None:
+        """Answer `request` into `reply`; every failure becomes an answer in the client's dialect."""
+        new_request_id(request.headers.get("X-Request-Id"))
+        ex = Exchange(request, reply, routing.dialect_of(request.path), time.monotonic())
+        try:
+            await self._dispatch(ex)
+        except WarmpoolError as error:
+            await self._fail(ex, error, ex.tags())
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client left; nothing to answer
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the proxy
+            log.exception("internal error on %s %s", ex.request.method, ex.request.path)
+            await self._fail(ex, WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), [])
+        self._account(ex)
+
+    async def _fail(self, ex: Exchange, error: WarmpoolError, tags: Headers) -> None:
+        if ex.reply.started:
+            # The head already went out and the body cannot carry an error (not a stream): drop the
+            # connection, so a client cannot take the cut body for a whole one.
+            log.warning("%s %s: %s; connection dropped mid-answer", ex.request.method, ex.request.path, error)
+            ex.reply.abort()
+            return
+        await error_answer(error, ex.dialect).send(ex.reply, tags)
+
+    async def _dispatch(self, ex: Exchange) -> None:
+        path, method = ex.request.path, ex.request.method
+        if not routing.is_known_path(path):
+            raise ModelNotFound(f"{method} {path}: no such endpoint")  # 404 in the client's dialect
+        if method not in routing.allowed_methods(path):
+            raise MethodNotAllowed(f"{method} not allowed on {path}")
+        check_api_key(ex.request.headers, self.api_keys)
+        if path in routing.LISTINGS or routing.is_model_entry(path):
+            return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
+        ex.raw = await ex.request.read()
+        ex.body = parse_json(ex.raw)
+        choice = routing.choose_model(
+            self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
+        ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
+        if self.metrics is not None:
+            ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect)
+        backend = self.backends[ex.model.backend]
+        if path in routing.MODEL_ADMIN:
+            return await self._model_admin(ex, backend)
+        return await self._inference(ex, backend)
+
+    async def _model_admin(self, ex: Exchange, backend: Backend) -> None:
+        """show / pull / copy / delete: forwarded to Ollama; answered by warmpool for other backends."""
+        assert ex.model is not None
+        if backend.speaks != "ollama":
+            return await ex.answer(listings.model_admin_answer(ex.request.path, ex.model, ex.body))
+        body = {**ex.body, routing.model_field(ex.request.path): ex.model.upstream_name}
+        body.pop("name", None)
+        return await self._forward(ex, backend, ex.request.path, body, transform=None)
+
+    async def _inference(self, ex: Exchange, backend: Backend) -> None:
+        assert ex.model is not None
+        if ex.dialect == "ollama" and ollama_from_openai.is_ollama_preload(ex.request.path, ex.body):
+            return await self._load_or_unload(ex)
+        path, body, transform = self._upstream_request(ex, backend)
+        name = ex.model.name
+        pool = self.scheduler.pool_of(name)
+        if not pool.take(name):
+            if self._wants_feedback(ex):
+                return await self._inference_with_feedback(ex, backend, path, body, transform)
+            ex.queue_wait = await pool.wait_for(name)
+        try:
+            self._observe_queue(ex)
+            await self._forward(ex, backend, path, body, transform)
+        finally:
+            pool.release(name)
+
+    def _wants_feedback(self, ex: Exchange) -> bool:
+        return feedback.streams(ex.request.path, ex.body) and feedback.wanted(
+            ex.request.headers.get(feedback.HEADER), self.cfg.loading_feedback)
+
+    async def _inference_with_feedback(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
+                                       transform: Transform | None) -> None:
+        """Open the stream now and tell the client what it waits for; then relay into that stream."""
+        assert ex.model is not None
+        pool = self.scheduler.pool_of(ex.model.name)
+        await ex.reply.start(200, "", [("Content-Type", feedback.content_type(ex.dialect)), *ex.tags()], None)
+        self._first_byte_observer(ex)()
+        try:
+            ex.queue_wait = await self._wait_with_feedback(ex, pool)
+        except WarmpoolError as error:
+            await relay.report_in_stream(ex.reply, error)
+            return
+        try:
+            self._observe_queue(ex)
+            upstream = await ex.send(backend, path, body)
+            await relay.relay_into(ex.reply, upstream, backend.name, transform)
+        except WarmpoolError as error:
+            await relay.report_in_stream(ex.reply, error)
+        finally:
+            pool.release(ex.model.name)
+
+    async def _wait_with_feedback(self, ex: Exchange, pool: Any) -> float:
+        assert ex.model is not None
+        name = ex.model.name
+        waiting = asyncio.ensure_future(pool.acquire(name))
+        try:
+            while not (await asyncio.wait({waiting}, timeout=feedback.INTERVAL))[0]:
+                line = feedback.line(ex.request.path, name, pool.describe_wait(name), time.monotonic() - ex.started)
+                await ex.reply.write(line)
+            return waiting.result()
+        except BaseException:
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                pool.release(name)  # granted in the instant the client left: hand the lease back
+            else:
+                waiting.cancel()  # the client left: leave the queue, cause no load
+            raise
+
+    async def _load_or_unload(self, ex: Exchange) -> None:
+        """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,
+        so it does either through its scheduler (keeping its view true) instead of forwarding."""
+        assert ex.model is not None
+        pool = self.scheduler.pool_of(ex.model.name)
+        unload = is_zero_duration(ex.body.get("keep_alive"))
+        if unload:
+            await pool.unload(ex.model.name, self.cfg.scheduler.queue_timeout)
+        else:
+            ex.queue_wait = await pool.load(ex.model.name)
+        await ex.answer(Answer.json(ollama_from_openai.ollama_preload_response(ex.request.path, ex.model.name, unload=unload)))
+
+    def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
+        assert ex.model is not None
+        path = ex.request.path
+        if ex.dialect == "ollama" and backend.speaks == "openai":
+            upstream_path, body = ollama_from_openai.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
+            return upstream_path, body, OllamaFromOpenAI(path, ex.model.name, ex.body)
+        if ex.dialect == "openai" and backend.speaks == "ollama" and ex.model.options:
+            # Ollama's /v1 cannot carry load-time options: it would reload the model with defaults.
+            upstream_path, body = openai_from_ollama.openai_request_to_ollama(
+                path, ex.body, ex.model.upstream_name, ex.model.options, ollama_keep_alive(ex.model))
+            return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
+        body = backend.rewrite_body(ex.model, path, ex.body)
+        return path, body, None
+
+    async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
+                       transform: Transform | None) -> None:
+        upstream = await ex.send(backend, path, body)
+        await relay.relay(ex.reply, upstream, backend.name, ex.tags(), transform,
+                          on_first_byte=self._first_byte_observer(ex))
+
+    def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
+        def observe() -> None:
+            if ex.meters is not None:
+                ex.meters.first_byte.observe(time.monotonic() - ex.started)
+        return observe
+
+    def _observe_queue(self, ex: Exchange) -> None:
+        if ex.meters is not None:
+            ex.meters.queue_wait.observe(ex.queue_wait)
+
+    def _account(self, ex: Exchange) -> None:
+        seconds = time.monotonic() - ex.started
+        status = ex.reply.status
+        if ex.meters is not None:
+            ex.meters.answered(status).inc()
+            ex.meters.duration.observe(seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return  # the line's arguments (two round()s, a dict) are not free
+        model = ex.model.name if ex.model else ""
+        log.info("%s %s %s model=%s phase=%s wait=%.3fs %.3fs", ex.request.method, ex.request.path,
+                 status, model or "-", ex.phase or "-", ex.queue_wait, seconds,
+                 extra={"model": model, "phase": ex.phase, "status": status,
+                        "queue_wait_s": round(ex.queue_wait, 4), "duration_s": round(seconds, 4)})
+
+
+class MethodNotAllowed(WarmpoolError):
+    status = 405
+
+
+def is_zero_duration(value: Any) -> bool:
+    """Ollama's keep_alive 0 in any of its spellings (0, 0.0, "0", "0s", "0m")."""
+    if isinstance(value, bool) or value is None:
+        return False
+    try:
+        return parse_duration(value) == 0
+    except ValueError:
+        return False
+
+
+def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
+    """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
+    if keys and not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
+        raise Unauthorized("missing or invalid API key")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw or raw.isspace():
+        raise BadRequest("missing request body")
+    try:
+        # Decoded here when it is plain UTF-8: json.loads would first guess the encoding of bytes.
+        data = json.loads(raw.decode() if plain_utf8(raw) else raw)
+    except ValueError as exc:
+        raise BadRequest(f"invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def error_answer(error: WarmpoolError, dialect: str) -> Answer:
+    return Answer.json(error.body(dialect), status=error.status, headers=error.headers)

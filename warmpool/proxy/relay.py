@@ -1,0 +1,150 @@
+"""Relaying an upstream response to the client: status, headers and body chunk by chunk, unbuffered,
+optionally translated (OpenAI → Ollama). A failure after the headers went out is reported inside the
+stream in the client's dialect, since the status can no longer change. A body whose first read is the
+whole of it (a typical non-streamed answer) goes out with its headers in a single write.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from warmpool.dialects.transforms import Streamer, Transform
+from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
+from warmpool.http.client import Response, UpstreamBroken
+from warmpool.http.exchange import Headers, Reply
+
+SKIP_RESPONSE_HEADERS = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "upgrade",
+    "proxy-authenticate", "trailer", "te",
+})
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+
+
+async def relay(reply: Reply, upstream: Response, backend: str, tags: Headers,
+                transform: Transform | None, on_first_byte: Callable[[], None]) -> None:
+    """Copy `upstream` to the client, with `tags` added to its headers; always releases the upstream
+    connection (closing it early cancels the upstream's work when the client went away)."""
+    try:
+        if transform is None:
+            await _pass_through(reply, upstream, backend, tags, on_first_byte)
+        else:
+            await _translated(reply, upstream, backend, tags, transform, on_first_byte)
+    finally:
+        upstream.close()
+
+
+async def _pass_through(reply: Reply, upstream: Response, backend: str, tags: Headers,
+                        on_first_byte: Callable[[], None]) -> None:
+    first = b""
+    headers = passed_headers(upstream) + tags
+    if upstream.content_length is not None:
+        try:  # no byte has gone to the client yet, so a failure here is still an ordinary error answer
+            first = await upstream.readany()
+        except (UpstreamBroken, TimeoutError) as exc:
+            raise upstream_failure(backend, exc) from exc
+        if len(first) == upstream.content_length:
+            # A body that is already all here (the usual non-streamed answer) goes out in one write with
+            # its headers: one syscall and one wake-up of the client fewer. Nothing is held back: this is
+            # only what one read returned.
+            await reply.whole(upstream.status, upstream.reason, headers, first)
+            on_first_byte()
+            return
+    await reply.start(upstream.status, upstream.reason, headers, upstream.content_length)
+    on_first_byte()
+    if first:
+        await reply.write(first)
+    await _copy_chunks(upstream, reply, backend)
+    await reply.end()
+
+
+async def _copy_chunks(upstream: Response, reply: Reply, backend: str) -> None:
+    try:
+        while chunk := await upstream.readany():
+            await reply.write(chunk)
+    except (UpstreamBroken, TimeoutError) as exc:
+        await _report_mid_stream(reply, upstream_failure(backend, exc))
+
+
+async def _translated(reply: Reply, upstream: Response, backend: str, tags: Headers,
+                      transform: Transform, on_first_byte: Callable[[], None]) -> None:
+    if upstream.status >= 300 or not transform.stream:
+        raw = await _read_all(upstream, backend)
+        body = transform.error_body(raw, upstream.status) if upstream.status >= 300 else _whole(transform, raw, backend)
+        await reply.whole(upstream.status, "", [("Content-Type", "application/json"), *tags], body)
+        on_first_byte()
+        return
+    await reply.start(200, "", [("Content-Type", transform.content_type), *tags], None)
+    on_first_byte()
+    await _translate_chunks(upstream, reply, backend, transform.streamer())
+    await reply.end()
+
+
+async def _translate_chunks(upstream: Response, reply: Reply, backend: str, streamer: Streamer) -> None:
+    try:
+        while chunk := await upstream.readany():
+            for line in streamer.feed(chunk):
+                await reply.write(line)
+        for line in streamer.finish():
+            await reply.write(line)
+    except (UpstreamBroken, TimeoutError) as exc:
+        await _report_mid_stream(reply, upstream_failure(backend, exc))
+
+
+def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
+    try:
+        return transform.whole_body(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendError(backend, f"upstream sent an answer warmpool cannot translate: {exc}") from exc
+
+
+async def _read_all(upstream: Response, backend: str) -> bytes:
+    try:
+        return await upstream.read()
+    except (UpstreamBroken, TimeoutError) as exc:
+        raise upstream_failure(backend, exc) from exc
+
+
+def upstream_failure(backend: str, exc: BaseException) -> BackendError:
+    if isinstance(exc, TimeoutError):
+        return BackendTimeout(backend, "upstream went silent mid-response (timeouts.idle)")
+    return BackendError(backend, f"upstream dropped the connection mid-response: {exc}")
+
+
+async def _report_mid_stream(reply: Reply, error: WarmpoolError) -> None:
+    """The status is already sent: end the stream with an error in the dialect's streaming shape
+    (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event)."""
+    if reply.content_type not in STREAM_TYPES:
+        raise error  # a truncated JSON body: the proxy drops the connection so it cannot pass for whole
+    if reply.content_type == "application/x-ndjson":
+        await reply.write(json.dumps(error.ollama_body()).encode() + b"\n")
+    else:
+        await reply.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
+
+
+def passed_headers(upstream: Response) -> Headers:
+    """The upstream's headers a client gets: all but hop-by-hop ones and those the server sets itself."""
+    return [(name, value) for name, value in upstream.headers if name.lower() not in SKIP_RESPONSE_HEADERS]
+
+
+async def relay_into(reply: Reply, upstream: Response, backend: str, transform: Transform | None) -> None:
+    """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
+    longer be passed on, so a failure ends the stream with an error in its shape."""
+    try:
+        if upstream.status >= 300:
+            raw = await _read_all(upstream, backend)
+            reason = f"answered HTTP {upstream.status}: {raw[:500].decode(errors='replace')}"
+            await _report_mid_stream(reply, BackendError(backend, reason))
+        elif transform is None:
+            await _copy_chunks(upstream, reply, backend)
+        else:
+            await _translate_chunks(upstream, reply, backend, transform.streamer())
+        await reply.end()
+    finally:
+        upstream.close()
+
+
+async def report_in_stream(reply: Reply, error: WarmpoolError) -> None:
+    """End an already-open stream with `error` in its shape."""
+    await _report_mid_stream(reply, error)
+    await reply.end()

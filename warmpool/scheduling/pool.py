@@ -1,0 +1,441 @@
+"""Residency, leases, queues and swaps: one `Pool` per backend, acting on the pure `policy.plan`.
+
+Every proxied request holds a lease on its model for as long as its response streams. A lease on a
+resident model is granted at once; otherwise the request waits in its pool's queue. After any change
+(a request arrives, leaves or is cancelled; a swap ends; a timer fires) the pool re-plans and carries
+out the plan: grants waiters, fails the unservable, starts at most one swap. Swaps run as tasks that
+unload the victims, then load the target (a load ends when the model produced a token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from warmpool.backends.base import Backend
+from warmpool.config import Config, ModelConfig
+from warmpool.errors import (
+    BackendError,
+    BackendUnavailable,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+    WarmpoolError,
+)
+from warmpool.metrics import Metrics
+from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan
+
+log = logging.getLogger("warmpool.scheduler")
+SWAP_HISTORY = 50
+
+
+@dataclass(slots=True)
+class SwapRecord:
+    """One finished swap, for the status API."""
+
+    model: str | None
+    evicted: list[str]
+    reason: str
+    started: float  # wall clock
+    seconds: float
+    load_seconds: float | None
+    source: str
+    ok: bool
+    error: str | None = None
+
+
+class Lease:
+    """`async with pool.lease(model) as waited:` - a class rather than an asynccontextmanager, because
+    every proxied request takes one (the generator-based form costs several times more)."""
+
+    __slots__ = ("pool", "model")
+
+    def __init__(self, pool: Pool, model: str) -> None:
+        self.pool = pool
+        self.model = model
+
+    async def __aenter__(self) -> float:
+        return await self.pool.acquire(self.model)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.pool.release(self.model)
+
+
+class Pool:
+    """One backend's residency: its models' states, the queue of waiting requests, the running swap."""
+
+    def __init__(self, backend: Backend, cfg: Config, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.cfg = cfg
+        self.metrics = metrics
+        self.clock = clock
+        self.models = {m.name: self._initial_state(m) for m in backend.models.values()}
+        self.waiters: dict[int, tuple[Waiter, asyncio.Future[None]]] = {}
+        self.draining: set[str] = set()
+        self.unload_requested: set[str] = set()
+        self.epoch = 0  # bumped on every residency change, so pollers can tell a stale answer
+        self.history: list[SwapRecord] = []
+        self.swap_task: asyncio.Task[None] | None = None
+        self.swap_target: str | None = None
+        self.swap_source: str | None = None  # the running swap's source tier, once measured
+        self.closed = False
+        self._ids = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        # Where a swap's weights come from (RAM tier: "ram" | "disk"), measured when the swap starts.
+        self.source_probe: Callable[[str], Awaitable[str]] = _unknown_source
+        self.on_use: Callable[[str], None] = lambda model: None
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{m.name}:{m.status}/{m.inflight}" for m in self.models.values())
+        return f"<Pool {self.name} [{states}] waiting={len(self.waiters)} swapping={self.swap_target}>"
+
+    def _initial_state(self, model: ModelConfig) -> ModelState:
+        sched = self.cfg.scheduler
+        min_res = model.min_residency if model.min_residency is not None else sched.min_residency
+        return ModelState(name=model.name, size=self.backend.size_hint(model), pinned=model.pin, min_residency=min_res,
+                          keep_alive=model.keep_alive)
+
+    # -- leases -------------------------------------------------------------------------------------
+
+    def lease(self, model: str) -> Lease:
+        """Hold `model` resident for the body of the `async with`; yields the seconds spent waiting."""
+        return Lease(self, model)
+
+    async def acquire(self, model: str) -> float:
+        """Take a lease on `model` (release it with `release`); returns the seconds spent waiting."""
+        if self.take(model):
+            return 0.0
+        return await self.wait_for(model)
+
+    def take(self, model: str) -> bool:
+        """Take a lease on `model` if that needs no wait, the usual case (the data path then pays no
+        coroutine for it); False when `acquire` would have to wait."""
+        if self.closed:
+            raise ShuttingDown()
+        if self.available(model):
+            self.models[model].inflight += 1
+            return True
+        return False
+
+    def available(self, model: str) -> bool:
+        """Whether a lease on `model` would be granted without waiting."""
+        state = self.models[model]
+        return not self.backend.managed or (state.status == "resident" and model not in self.draining)
+
+    def describe_wait(self, model: str) -> str:
+        """What a request for `model` is waiting for, in words (for loading feedback)."""
+        if self.swap_target == model:
+            source = f" (from {'RAM' if self.swap_source == 'ram' else self.swap_source})" if self.swap_source else ""
+            return f"loading {model}{source}"
+        if self.swap_task is not None:
+            return f"waiting for a swap to {self.swap_target or 'free room'} before loading {model}"
+        return f"queued for {model}"
+
+    def release(self, model: str) -> None:
+        state = self.models[model]
+        state.inflight -= 1
+        state.last_used = self.clock()
+        self.on_use(model)
+        # While the model stays busy and nobody waits, a new plan would decide what the last one did.
+        if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
+            self.replan()
+        if state.inflight == 0:
+            self._tell_if_idle()
+
+    def _tell_if_idle(self) -> None:
+        if not self.closed and not any(m.inflight for m in self.models.values()):
+            self.backend.idle()
+
+    async def wait_for(self, model: str) -> float:
+        """Queue for a lease on `model` (for when `take` just said no); returns the seconds waited."""
+        if len(self.waiters) >= self.cfg.scheduler.max_queue:
+            raise QueueFull(f"pool {self.name!r}: {len(self.waiters)} requests already waiting",
+                            retry_after=self._retry_after())
+        started = self.clock()
+        waiter = Waiter(next(self._ids), model, started)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters[waiter.id] = (waiter, future)
+        self.replan()
+        try:
+            async with asyncio.timeout(self.cfg.scheduler.queue_timeout):
+                await future
+        except TimeoutError:
+            self._return_if_granted(model, future)
+            raise QueueTimeout(f"pool {self.name!r}: model {model!r} was not ready within "
+                               f"{self.cfg.scheduler.queue_timeout:g} s") from None
+        except asyncio.CancelledError:
+            self._return_if_granted(model, future)
+            raise
+        finally:
+            if self.waiters.pop(waiter.id, None) is not None:
+                self.replan()  # left the queue (cancelled or timed out): it must cause no load
+        return self.clock() - started
+
+    def _return_if_granted(self, model: str, future: asyncio.Future[None]) -> None:
+        # Granted in the same instant the client gave up: hand the lease back.
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self.release(model)
+
+    def _retry_after(self) -> float:
+        recent = [r.seconds for r in self.history[-5:] if r.ok]
+        return max(1.0, sum(recent) / len(recent)) if recent else 5.0
+
+    # -- planning -----------------------------------------------------------------------------------
+
+    def view(self) -> PoolView:
+        sched = self.cfg.scheduler
+        return PoolView(
+            models=self.models, waiters=[w for w, _ in self.waiters.values()],
+            swapping=self.swap_task is not None, max_resident=self.backend.config.max_resident,
+            vram_budget=self.backend.config.vram_budget, max_wait=sched.max_wait,
+            idle_default=self.backend.config.idle_default, idle_after=self.backend.config.idle_after,
+            unload_requested=self.unload_requested,
+        )
+
+    def replan(self) -> None:
+        if self.closed:
+            return
+        for state in self.models.values():
+            if not state.size:  # a size may become known after start (e.g. Ollama's /api/tags)
+                state.size = self.backend.size_hint(self.backend.models[state.name])
+        decision = plan(self.view(), self.clock())
+        self.draining = decision.draining
+        for waiter_id in decision.grant:
+            self._grant(waiter_id)
+        for waiter_id, reason in decision.fail:
+            self._fail(waiter_id, BackendUnavailable(self.name, reason))
+        if decision.swaps:
+            self._start_swap(decision.evict, decision.load, decision.reason)
+        self._arm_timer(decision.wake_at)
+
+    def _grant(self, waiter_id: int) -> None:
+        waiter, future = self.waiters.pop(waiter_id)
+        if not future.done():
+            self.models[waiter.model].inflight += 1
+            future.set_result(None)
+
+    def _fail(self, waiter_id: int, error: WarmpoolError) -> None:
+        _, future = self.waiters.pop(waiter_id)
+        if not future.done():
+            future.set_exception(error)
+
+    def _arm_timer(self, wake_at: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if wake_at is not None:
+            delay = max(0.0, wake_at - self.clock()) + 0.001
+            self._timer = asyncio.get_running_loop().call_later(delay, self.replan)
+
+    # -- swaps --------------------------------------------------------------------------------------
+
+    def _start_swap(self, evict: list[str], load: str | None, reason: str) -> None:
+        self.epoch += 1
+        for name in evict:
+            self.models[name].status = "unloading"
+        if load is not None:
+            self.models[load].status = "loading"
+        self.swap_target = load
+        self.swap_task = asyncio.create_task(self._swap(evict, load, reason), name=f"swap:{self.name}")
+
+    async def _swap(self, evict: list[str], load: str | None, reason: str) -> None:
+        started, wall = self.clock(), time.time()
+        source = await self._probe_source(load) if load else "unknown"
+        self.swap_source = source
+        record = SwapRecord(load, list(evict), reason, wall, 0.0, None, source, ok=True)
+        try:
+            for name in evict:
+                await self._unload(name, reason)
+            if load is not None:
+                record.load_seconds = await self._load(load, reason, source)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiters, never lost
+            record.ok, record.error = False, str(exc)
+            self._swap_failed(load, exc, reason)
+        finally:
+            record.seconds = self.clock() - started
+            self._finish_swap(record)
+
+    async def _probe_source(self, name: str) -> str:
+        try:
+            return await self.source_probe(name)
+        except Exception:  # noqa: BLE001 - a failed measurement must not fail the swap
+            log.exception("measuring the source tier of %s failed", name)
+            return "unknown"
+
+    async def _unload(self, name: str, reason: str) -> None:
+        started = self.clock()
+        try:
+            await self.backend.unload(self.backend.models[name])
+        except BaseException:
+            # Not confirmed gone (e.g. still in /api/ps): it still occupies the budget, so stay resident
+            # and load nothing beside it; the residency watcher corrects this if it did leave.
+            self.models[name].status = "resident"
+            raise
+        finally:
+            self.unload_requested.discard(name)
+        self.models[name].status = "absent"
+        seconds = self.clock() - started
+        log.info("unloaded %s from %s in %.3f s (%s)", name, self.name, seconds, reason)
+        if self.metrics:
+            self.metrics.unload_duration.labels(self.name, name).observe(seconds)
+            self.metrics.evictions.labels(self.name, name, reason).inc()
+
+    async def _load(self, name: str, reason: str, source: str) -> float:
+        started = self.clock()
+        result = await self.backend.load(self.backend.models[name])
+        state = self.models[name]
+        state.status, state.loaded_at = "resident", self.clock()
+        state.last_used = max(state.last_used, state.loaded_at)
+        if result.size and not self.backend.models[name].size:
+            state.size = result.size  # measured beats unknown; a configured size is the operator's word
+        log.info("loaded %s on %s in %.3f s (%s, from %s) %s", name, self.name, result.seconds, reason, source,
+                 {k: round(v, 3) for k, v in result.details.items()})
+        if self.metrics:
+            self.metrics.load_duration.labels(self.name, name, source).observe(result.seconds)
+            self.metrics.swaps.labels(self.name, name, reason, "ok").inc()
+        return self.clock() - started
+
+    def _swap_failed(self, load: str | None, exc: Exception, reason: str) -> None:
+        error = exc if isinstance(exc, WarmpoolError) else BackendError(self.name, f"swap failed: {exc}")
+        log.warning("swap on %s to %s failed: %s", self.name, load, error.message)
+        if load is None:
+            return
+        self.models[load].status = "absent"
+        self.unload_requested.discard(load)
+        if self.metrics:
+            self.metrics.swaps.labels(self.name, load, reason, "error").inc()
+        for waiter_id, (waiter, _) in list(self.waiters.items()):
+            if waiter.model == load:
+                self._fail(waiter_id, error)
+
+    def _finish_swap(self, record: SwapRecord) -> None:
+        self.epoch += 1
+        self.history = [*self.history[-(SWAP_HISTORY - 1):], record]
+        if self.metrics and record.ok and record.model:
+            self.metrics.swap_duration.labels(self.name, record.model, record.source).observe(record.seconds)
+        self.swap_task, self.swap_target, self.swap_source = None, None, None
+        self.replan()  # grants the waiters
+        self._tell_if_idle()
+
+    # -- operator actions ---------------------------------------------------------------------------
+
+    async def load(self, model: str) -> float:
+        """Make `model` resident (through the queue, like any request); returns the seconds it took."""
+        started = self.clock()
+        async with self.lease(model):
+            return self.clock() - started
+
+    async def unload(self, model: str, timeout: float) -> bool:
+        """Unload `model` once its running requests end (new ones wait); False if it was not loaded."""
+        state = self.models[model]
+        if state.status == "absent" and model != self.swap_target:
+            return False
+        self.unload_requested.add(model)
+        self.replan()
+        async with asyncio.timeout(timeout):
+            while state.status != "absent" or model in self.unload_requested:
+                await asyncio.sleep(0.02)
+        return True
+
+    # -- outside events -----------------------------------------------------------------------------
+
+    def mark_resident(self, name: str, loaded_at: float | None = None) -> None:
+        """The backend reports `name` loaded (at start-up, or loaded by someone else)."""
+        state = self.models[name]
+        if state.status == "absent":
+            state.status, state.loaded_at = "resident", loaded_at or self.clock()
+            self.epoch += 1
+            self.replan()
+
+    def mark_lost(self, name: str, reason: str) -> None:
+        """`name` left the backend without warmpool unloading it (expiry, crash, another client)."""
+        state = self.models.get(name)
+        if state is None or state.status != "resident":
+            return
+        log.warning("model %s vanished from %s: %s", name, self.name, reason)
+        state.status = "absent"
+        self.epoch += 1
+        self.unload_requested.discard(name)
+        if self.metrics:
+            self.metrics.lost.labels(self.name, name).inc()
+        self.replan()
+
+    async def close(self) -> None:
+        """Stop admitting: waiters get 503; a running swap is cancelled."""
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for waiter_id in list(self.waiters):
+            self._fail(waiter_id, ShuttingDown())
+        if self.swap_task is not None:
+            self.swap_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.swap_task
+
+    def queue_counts(self) -> dict[str, int]:
+        """Waiting requests by model."""
+        counts: dict[str, int] = {}
+        for waiter, _ in self.waiters.values():
+            counts[waiter.model] = counts.get(waiter.model, 0) + 1
+        return counts
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready picture of the pool for the status API and the tests."""
+        return {
+            "pool": self.name, "kind": self.backend.config.kind, "managed": self.backend.managed,
+            "max_resident": self.backend.config.max_resident, "vram_budget": self.backend.config.vram_budget,
+            "resident": [m.name for m in self.models.values() if m.status == "resident"],
+            "loading": [m.name for m in self.models.values() if m.status == "loading"],
+            "unloading": [m.name for m in self.models.values() if m.status == "unloading"],
+            "draining": sorted(self.draining),
+            "models": {m.name: _model_snapshot(m) for m in self.models.values()},
+            "queue": self.queue_counts(),
+            "swaps": [_swap_snapshot(r) for r in reversed(self.history)],
+        }
+
+
+async def _unknown_source(model: str) -> str:
+    return "unknown"
+
+
+def _model_snapshot(m: ModelState) -> dict[str, Any]:
+    return {"status": m.status, "inflight": m.inflight, "pinned": m.pinned, "size": m.size}
+
+
+def _swap_snapshot(r: SwapRecord) -> dict[str, Any]:
+    return {
+        "model": r.model, "evicted": r.evicted, "reason": r.reason, "source": r.source, "ok": r.ok,
+        "error": r.error, "started_at": r.started, "seconds": round(r.seconds, 4),
+        "load_seconds": None if r.load_seconds is None else round(r.load_seconds, 4),
+    }
+
+
+class Scheduler:
+    """All pools, by backend name; the proxy asks it for leases by model."""
+
+    def __init__(self, backends: dict[str, Backend], cfg: Config, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.pools = {name: Pool(b, cfg, metrics) for name, b in backends.items()}
+        for name, backend in backends.items():
+            backend.on_lost = self.pools[name].mark_lost
+
+    def pool_of(self, model: str) -> Pool:
+        return self.pools[self.cfg.models[model].backend]
+
+    def lease(self, model: str) -> Lease:
+        return self.pool_of(model).lease(model)
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            await pool.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pools": [p.snapshot() for p in self.pools.values()]}
