@@ -17,7 +17,6 @@ from warmpool.admin import routes as admin
 from warmpool.admin.gauges import backend_gauges, ram_tier_metrics, scheduler_gauges
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
-from warmpool.backends.ollama import OllamaBackend
 from warmpool.config import Config
 from warmpool.http import aiohttp_fallback, server
 from warmpool.metrics import Metrics
@@ -88,14 +87,14 @@ def occupying(scheduler: Scheduler) -> set[str]:
 async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     backends: dict[str, Backend] = app[BACKENDS]
     await asyncio.gather(*(b.start() for b in backends.values()))
-    await admin.sync_residency(app[SCHEDULER], backends)
+    await residency.sync_residency(app[SCHEDULER], backends)
     tier = app[RAMTIER]
     if isinstance(tier, RamTier):
         await tier.start()
     tasks = [asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")]
     tasks += [
         asyncio.create_task(residency.watch(app[SCHEDULER].pools[name], b, app[METRICS]), name=f"watch:{name}")
-        for name, b in backends.items() if isinstance(b, OllamaBackend)
+        for name, b in backends.items() if b.expires_models
     ]
     yield
     for task in tasks:

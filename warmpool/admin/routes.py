@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -12,14 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from warmpool.admin.models import add_model_routes, known_model, require_admin
 from warmpool.backends.base import Backend
 from warmpool.config import Config
-from warmpool.errors import BackendError, WarmpoolError
+from warmpool.errors import WarmpoolError
 from warmpool.metrics import Metrics
 from warmpool.ramtier.tier import RamTier
 from warmpool.scheduling.pool import Scheduler
 
 log = logging.getLogger("warmpool.admin")
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
-STARTUP_SYNC_TIMEOUT = 3.0
 
 
 def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
@@ -77,25 +75,3 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     app.router.add_get("/warmpool/", page)
     app.router.add_get("/warmpool", page)
     add_model_routes(app, cfg, scheduler, tier, admin_keys)
-
-
-async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> None:
-    """At start: learn what each managed backend already has loaded, all at once and each within
-    STARTUP_SYNC_TIMEOUT, so a hung backend cannot hold up listening; one that does not answer is
-    learned later (the residency poller, or the first swap)."""
-    managed = {name: b for name, b in backends.items() if b.managed}
-    await asyncio.gather(*(_sync_one(scheduler, name, b) for name, b in managed.items()))
-
-
-async def _sync_one(scheduler: Scheduler, name: str, backend: Backend) -> None:
-    try:
-        async with asyncio.timeout(STARTUP_SYNC_TIMEOUT):
-            residents = await backend.resident()
-    except TimeoutError:
-        log.warning("backend %s: no answer about its loaded models within %g s", name, STARTUP_SYNC_TIMEOUT)
-        return
-    except BackendError as exc:
-        log.warning("backend %s: cannot read its loaded models yet: %s", name, exc.reason)
-        return
-    for resident in residents:
-        scheduler.pools[name].mark_resident(resident.name)

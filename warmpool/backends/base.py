@@ -1,8 +1,11 @@
-"""The backend interface: what the scheduler and the proxy may ask of an upstream, and the shared HTTP plumbing.
+"""The backend interface: what the scheduler and the proxy may ask of an upstream (`Backend`), and what an
+upstream's answer looks like to the relay (`Upstream`).
 
 Only modules in `warmpool.backends` talk to upstreams. A backend forwards a request and hands back the
 upstream's response unread, so the proxy can relay it chunk by chunk; it loads and unloads models when
-the scheduler says so, and reports what is resident.
+the scheduler says so, and reports what is resident. What only some kinds of backend can do is declared
+as a capability here (a class attribute or a method with a neutral default), never found out with
+isinstance by the code that asks.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiohttp
 
 from warmpool.backends.control import make_session
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BackendTimeout
-from warmpool.http.client import ConnectFailed, Origin, Response, UpstreamBroken
+from warmpool.http.client import ConnectFailed, Origin, UpstreamBroken
 from warmpool.http.wire import encode_headers, forwardable
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the client stack recomputes: never forwarded.
@@ -54,14 +57,47 @@ class ResidentModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+Dialect = Literal["ollama", "openai"]  # the API family a backend's inference endpoints speak
+
+__all__ = ["Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream", "UpstreamBroken"]
+
+
+class Upstream(Protocol):
+    """An upstream's answer with its body unread, as the proxy relays it. Reads raise `UpstreamBroken` when
+    the upstream breaks the connection and TimeoutError when it goes silent; `close()` releases it (early:
+    the upstream learns its client left)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def headers(self) -> list[tuple[str, str]]: ...
+    @property
+    def content_length(self) -> int | None: ...
+
+    def header(self, name: str) -> str | None: ...
+
+    async def readany(self) -> bytes:
+        """The next part of the body as it arrives; b"" at its end."""
+        ...
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 LostCallback = Callable[[str, str], None]  # (model, reason): a model vanished without warmpool unloading it
 
 
 class Backend:
     """Base class. Subclasses: OllamaBackend, LlamaCppBackend, OpenAIBackend."""
 
-    speaks = "openai"  # the dialect its inference endpoints speak: "ollama" or "openai"
+    speaks: Dialect = "openai"  # the dialect its inference endpoints speak
     managed = True  # whether the scheduler decides what is loaded (False: forward only)
+    # Whether the upstream unloads models on its own (Ollama's keep_alive): warmpool then polls what it
+    # has loaded (`loaded_expiries`) and re-arms what should stay.
+    expires_models = False
 
     def __init__(self, config: BackendConfig, app_config: Config) -> None:
         self.config = config
@@ -120,6 +156,24 @@ class Backend:
         """Bytes `model` is expected to occupy before it was ever loaded (0: unknown)."""
         return model.size or 0
 
+    async def loaded_expiries(self) -> dict[str, float | None]:
+        """Configured name -> when the upstream will unload it on its own (epoch seconds; None: never), for
+        every model it reports loaded. Only for backends that `expires_models`."""
+        raise NotImplementedError
+
+    def lease_seconds(self, model: ModelConfig) -> float | None:
+        """How long the upstream is asked to keep `model` loaded when idle (None: not asked)."""
+        return None
+
+    async def ollama_version(self) -> str | None:
+        """The Ollama API version the upstream reports; None where it is not an Ollama server."""
+        return None
+
+    async def catalog(self) -> dict[str, dict[str, Any]] | None:
+        """The upstream's own listing entries (Ollama's /api/tags) by configured model name; None where
+        the upstream keeps no catalog of its own."""
+        return None
+
     def idle(self) -> None:
         """Called by the scheduler when none of this backend's models has a request running (the last
         one ended, or a swap ended with nobody waiting): a moment for background work that would slow a
@@ -140,7 +194,7 @@ class Backend:
     async def forward(
         self, model: ModelConfig | None, method: str, path: str, raw_headers: Iterable[tuple[bytes, bytes]],
         body: bytes, *, query: str = "",
-    ) -> Response:
+    ) -> Upstream:
         """Send the request upstream with the client's raw headers (minus hop-by-hop ones); return the
         response with its body unread (the caller must close it)."""
         base = self.base_url(model)

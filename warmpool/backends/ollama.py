@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from datetime import datetime
 from typing import Any
 
 from warmpool.backends.base import Backend, LoadResult, ResidentModel
 from warmpool.backends.control import read_json, send
 from warmpool.config import BackendConfig, Config, ModelConfig
+from warmpool.dialects.ollama_from_openai import with_default_tag
 from warmpool.errors import BackendError, BadRequest
 
 UNLOAD_CONFIRM_TIMEOUT = 30.0
@@ -27,17 +30,13 @@ UNLOAD_POLL_INTERVAL = 0.1
 DEFAULT_LEASE = 600.0
 
 
-def tagged(name: str) -> str:
-    """Ollama's canonical form of a name: with an explicit tag (`:latest` when none)."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
 def ollama_keep_alive(model: ModelConfig) -> float:
     return model.keep_alive if model.keep_alive is not None else DEFAULT_LEASE
 
 
 class OllamaBackend(Backend):
     speaks = "ollama"
+    expires_models = True  # Ollama frees a model when its keep_alive runs out, whatever warmpool believes
 
     def __init__(self, config: BackendConfig, app_config: Config) -> None:
         super().__init__(config, app_config)
@@ -71,8 +70,8 @@ class OllamaBackend(Backend):
     async def _learn_disk_sizes(self) -> None:
         """Model file sizes from /api/tags: the best estimate of a model's footprint before its first load."""
         entries = (await self.get_json("/api/tags") or {}).get("models") or []
-        on_disk = {tagged(str(e.get("name", ""))): int(e.get("size") or 0) for e in entries}
-        self.disk_sizes = {m.name: on_disk.get(tagged(m.upstream_name), 0) for m in self.models.values()}
+        on_disk = {with_default_tag(str(e.get("name", ""))): int(e.get("size") or 0) for e in entries}
+        self.disk_sizes = {m.name: on_disk.get(with_default_tag(m.upstream_name), 0) for m in self.models.values()}
 
     def size_hint(self, model: ModelConfig) -> int:
         return model.size or self.disk_sizes.get(model.name, 0)
@@ -89,14 +88,14 @@ class OllamaBackend(Backend):
     async def _loaded_size(self, model: ModelConfig) -> int | None:
         """The runner's footprint from /api/ps (weights + KV + graph), Ollama's own number."""
         for entry in await self.ps_raw():
-            if tagged(str(entry.get("name", ""))) == tagged(model.upstream_name):
+            if with_default_tag(str(entry.get("name", ""))) == with_default_tag(model.upstream_name):
                 return int(entry.get("size") or 0) or None
         return None
 
     async def unload(self, model: ModelConfig) -> None:
         await self._post("/api/generate", {"model": model.upstream_name, "keep_alive": 0})
         deadline = time.monotonic() + UNLOAD_CONFIRM_TIMEOUT
-        while tagged(model.upstream_name) in await self._loaded_names():
+        while with_default_tag(model.upstream_name) in await self._loaded_names():
             if time.monotonic() > deadline:
                 raise BackendError(self.name, f"{model.upstream_name!r} still in /api/ps after unload")
             await asyncio.sleep(UNLOAD_POLL_INTERVAL)
@@ -106,8 +105,32 @@ class OllamaBackend(Backend):
         by_upstream = self._configured_by_upstream()
         found = []
         for entry in entries:
-            for name in by_upstream.get(tagged(str(entry.get("name", ""))), []):
+            for name in by_upstream.get(with_default_tag(str(entry.get("name", ""))), []):
                 found.append(_resident_from_ps(name, entry))
+        return found
+
+    async def loaded_expiries(self) -> dict[str, float | None]:
+        """Configured name -> expiry (epoch seconds) for each /api/ps entry warmpool knows."""
+        by_upstream = self._configured_by_upstream()
+        found: dict[str, float | None] = {}
+        for entry in await self.ps_raw():
+            for name in by_upstream.get(with_default_tag(str(entry.get("name", ""))), []):
+                found[name] = parse_expiry(entry.get("expires_at"))
+        return found
+
+    def lease_seconds(self, model: ModelConfig) -> float | None:
+        return ollama_keep_alive(model)
+
+    async def ollama_version(self) -> str | None:
+        return str((await self.get_json("/api/version"))["version"])
+
+    async def catalog(self) -> dict[str, dict[str, Any]] | None:
+        entries = (await self.get_json("/api/tags") or {}).get("models") or []
+        by_upstream = self._configured_by_upstream()
+        found: dict[str, dict[str, Any]] = {}
+        for entry in entries if isinstance(entries, list) else []:
+            for name in by_upstream.get(with_default_tag(str(entry.get("name", ""))), []) if isinstance(entry, dict) else []:
+                found[name] = entry
         return found
 
     async def ps_raw(self) -> list[dict[str, Any]]:
@@ -116,11 +139,11 @@ class OllamaBackend(Backend):
     def _configured_by_upstream(self) -> dict[str, list[str]]:
         index: dict[str, list[str]] = {}
         for m in self.models.values():
-            index.setdefault(tagged(m.upstream_name), []).append(m.name)
+            index.setdefault(with_default_tag(m.upstream_name), []).append(m.name)
         return index
 
     async def _loaded_names(self) -> set[str]:
-        return {tagged(str(e.get("name", ""))) for e in await self.ps_raw()}
+        return {with_default_tag(str(e.get("name", ""))) for e in await self.ps_raw()}
 
     async def get_json(self, path: str) -> Any:
         resp = await send(self.session, self.name, "GET", self.base_url(None) + path, {}, None,
@@ -133,6 +156,17 @@ class OllamaBackend(Backend):
                           {"Content-Type": "application/json"}, json.dumps(body).encode(),
                           self.app_config.timeouts.first_byte)
         return await read_json(resp, self.name)
+
+
+def parse_expiry(text: str | None) -> float | None:
+    """Seconds since the epoch of an /api/ps `expires_at` (RFC 3339 with up to nanoseconds)."""
+    if not text:
+        return None
+    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(trimmed).timestamp()
+    except ValueError:
+        return None
 
 
 def load_request(model: ModelConfig) -> tuple[str, dict[str, Any]]:

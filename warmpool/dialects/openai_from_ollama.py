@@ -50,7 +50,7 @@ DONE_FRAME = b"data: [DONE]\n\n"
 
 
 def openai_request_to_ollama(path: str, body: JSON, upstream_model: str, options: JSON,
-                             keep_alive: float) -> Request:
+                             keep_alive: float | None) -> Request:
     """Translate an OpenAI request to (Ollama path, native body) addressed to `upstream_model`.
 
     `options` are the model's configured Ollama options; they win over the ones derived from the
@@ -66,7 +66,8 @@ def openai_request_to_ollama(path: str, body: JSON, upstream_model: str, options
     out: JSON = {"model": upstream_model, **fields}
     if merged:
         out["options"] = merged
-    out["keep_alive"] = keep_alive  # a number: Ollama rejects unit-less duration strings
+    if keep_alive is not None:
+        out["keep_alive"] = keep_alive  # a number: Ollama rejects unit-less duration strings
     return ollama_path, out
 
 

@@ -16,14 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from warmpool.backends.base import Backend
-from warmpool.backends.ollama import ollama_keep_alive
+from warmpool.backends.base import Backend, Upstream
 from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.dialects import ollama_from_openai, openai_from_ollama
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
-from warmpool.http.client import Response
 from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
@@ -61,7 +59,7 @@ class Exchange:
     async def answer(self, answer: Answer) -> None:
         await answer.send(self.reply, self.tags())
 
-    async def send(self, backend: Backend, path: str, body: dict[str, Any]) -> Response:
+    async def send(self, backend: Backend, path: str, body: dict[str, Any]) -> Upstream:
         """Forward the request to `backend` at `path`: the client's raw headers and query, and `body`
         made from the client's bytes where it can be."""
         assert self.model is not None
@@ -215,7 +213,7 @@ class Proxy:
         if ex.dialect == "openai" and backend.speaks == "ollama" and ex.model.options:
             # Ollama's /v1 cannot carry load-time options: it would reload the model with defaults.
             upstream_path, body = openai_from_ollama.openai_request_to_ollama(
-                path, ex.body, ex.model.upstream_name, ex.model.options, ollama_keep_alive(ex.model))
+                path, ex.body, ex.model.upstream_name, ex.model.options, backend.lease_seconds(ex.model))
             return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
         body = backend.rewrite_body(ex.model, path, ex.body)
         return path, body, None

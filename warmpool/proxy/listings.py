@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from warmpool.backends.base import Backend
-from warmpool.backends.ollama import OllamaBackend, tagged
 from warmpool.config import Config, ModelConfig
 from warmpool.dialects import ollama_from_openai
 from warmpool.errors import BackendError, BadRequest, ModelNotFound
@@ -47,28 +46,28 @@ async def answer(path: str, cfg: Config, backends: dict[str, Backend], scheduler
 
 async def _ollama_version(backends: dict[str, Backend]) -> str:
     for backend in backends.values():
-        if isinstance(backend, OllamaBackend):
-            try:
-                return str((await _bounded(backend.get_json("/api/version")))["version"])
-            except (BackendError, TimeoutError, KeyError, TypeError):
-                continue
+        try:
+            version = await _bounded(backend.ollama_version())
+        except (BackendError, TimeoutError, KeyError, TypeError):
+            continue
+        if version is not None:
+            return version
     return OLLAMA_API_VERSION
 
 
 async def _tags(cfg: Config, backends: dict[str, Backend]) -> list[dict[str, Any]]:
-    upstream = await _ollama_tags(backends)
-    return [_tag_entry(m, upstream.get((m.backend, tagged(m.upstream_name)))) for m in cfg.models.values()]
+    upstream = await _catalogs(backends)
+    return [_tag_entry(m, upstream.get(m.name)) for m in cfg.models.values()]
 
 
-async def _ollama_tags(backends: dict[str, Backend]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Each Ollama backend's own /api/tags entries, by (backend, tagged name); an unreachable one adds none."""
-    ollama = [b for b in backends.values() if isinstance(b, OllamaBackend)]
-    asks = (_bounded(b.get_json("/api/tags")) for b in ollama)
-    results = await asyncio.gather(*asks, return_exceptions=True)
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    for backend, result in zip(ollama, results, strict=True):
-        for entry in (result or {}).get("models", []) if isinstance(result, dict) else []:
-            found[(backend.name, tagged(str(entry.get("name", ""))))] = entry
+async def _catalogs(backends: dict[str, Backend]) -> dict[str, dict[str, Any]]:
+    """Every backend's own listing entries (Ollama's /api/tags) by configured model name; an unreachable
+    backend, or one without a catalog, adds none."""
+    results = await asyncio.gather(*(_bounded(b.catalog()) for b in backends.values()), return_exceptions=True)
+    found: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if isinstance(result, dict):
+            found.update(result)
     return found
 
 
@@ -79,7 +78,8 @@ async def _bounded(awaitable: Awaitable[T]) -> T:
 
 def _tag_entry(model: ModelConfig, upstream: dict[str, Any] | None) -> dict[str, Any]:
     if upstream is not None:
-        return {**upstream, "name": tagged(model.name), "model": tagged(model.name)}
+        tagged = ollama_from_openai.with_default_tag(model.name)
+        return {**upstream, "name": tagged, "model": tagged}
     size, modified = file_facts(model.gguf)
     return ollama_from_openai.ollama_tag_entry(model.name, size=size, modified_at=modified, digest=digest_of(model))
 

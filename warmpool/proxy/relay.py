@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from warmpool.backends.base import Upstream, UpstreamBroken
 from warmpool.dialects.transforms import Streamer, Transform
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
-from warmpool.http.client import Response, UpstreamBroken
 from warmpool.http.exchange import Headers, Reply
 
 SKIP_RESPONSE_HEADERS = frozenset({
@@ -21,7 +21,7 @@ SKIP_RESPONSE_HEADERS = frozenset({
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
-async def relay(reply: Reply, upstream: Response, backend: str, tags: Headers,
+async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
                 transform: Transform | None, on_first_byte: Callable[[], None]) -> None:
     """Copy `upstream` to the client, with `tags` added to its headers; always releases the upstream
     connection (closing it early cancels the upstream's work when the client went away)."""
@@ -34,7 +34,7 @@ async def relay(reply: Reply, upstream: Response, backend: str, tags: Headers,
         upstream.close()
 
 
-async def _pass_through(reply: Reply, upstream: Response, backend: str, tags: Headers,
+async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
                         on_first_byte: Callable[[], None]) -> None:
     first = b""
     headers = passed_headers(upstream) + tags
@@ -58,7 +58,7 @@ async def _pass_through(reply: Reply, upstream: Response, backend: str, tags: He
     await reply.end()
 
 
-async def _copy_chunks(upstream: Response, reply: Reply, backend: str) -> None:
+async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str) -> None:
     try:
         while chunk := await upstream.readany():
             await reply.write(chunk)
@@ -66,7 +66,7 @@ async def _copy_chunks(upstream: Response, reply: Reply, backend: str) -> None:
         await _report_mid_stream(reply, upstream_failure(backend, exc))
 
 
-async def _translated(reply: Reply, upstream: Response, backend: str, tags: Headers,
+async def _translated(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
                       transform: Transform, on_first_byte: Callable[[], None]) -> None:
     if upstream.status >= 300 or not transform.stream:
         raw = await _read_all(upstream, backend)
@@ -80,7 +80,7 @@ async def _translated(reply: Reply, upstream: Response, backend: str, tags: Head
     await reply.end()
 
 
-async def _translate_chunks(upstream: Response, reply: Reply, backend: str, streamer: Streamer) -> None:
+async def _translate_chunks(upstream: Upstream, reply: Reply, backend: str, streamer: Streamer) -> None:
     try:
         while chunk := await upstream.readany():
             for line in streamer.feed(chunk):
@@ -98,7 +98,7 @@ def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
         raise BackendError(backend, f"upstream sent an answer warmpool cannot translate: {exc}") from exc
 
 
-async def _read_all(upstream: Response, backend: str) -> bytes:
+async def _read_all(upstream: Upstream, backend: str) -> bytes:
     try:
         return await upstream.read()
     except (UpstreamBroken, TimeoutError) as exc:
@@ -122,12 +122,12 @@ async def _report_mid_stream(reply: Reply, error: WarmpoolError) -> None:
         await reply.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
 
 
-def passed_headers(upstream: Response) -> Headers:
+def passed_headers(upstream: Upstream) -> Headers:
     """The upstream's headers a client gets: all but hop-by-hop ones and those the server sets itself."""
     return [(name, value) for name, value in upstream.headers if name.lower() not in SKIP_RESPONSE_HEADERS]
 
 
-async def relay_into(reply: Reply, upstream: Response, backend: str, transform: Transform | None) -> None:
+async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: Transform | None) -> None:
     """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
     longer be passed on, so a failure ends the stream with an error in its shape."""
     try:

@@ -1,6 +1,7 @@
-"""Keeps warmpool's view of what an Ollama server has loaded true, and keeps pinned models loaded.
+"""Keeps warmpool's view of what each backend has loaded true, and keeps pinned models loaded.
 
-Every few seconds each managed Ollama pool reads /api/ps: a model that left without warmpool unloading
+At start every managed backend is asked what it already has loaded (`sync_residency`). A backend that
+unloads models on its own (Ollama) is then polled: every few seconds its pool reads /api/ps: a model that left without warmpool unloading
 it (Ollama's own expiry, another client, a crash) is marked gone, so the next request reloads it; one
 loaded by someone else is counted. A model that should stay loaded is re-armed before Ollama's
 `expires_at` (Ollama frees it at that instant, whatever warmpool believes).
@@ -10,43 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from datetime import datetime
-from typing import Any
 
-from warmpool.backends.ollama import OllamaBackend, ollama_keep_alive, tagged
+from warmpool.backends.base import Backend
 from warmpool.errors import BackendError
 from warmpool.metrics import Metrics
-from warmpool.scheduling.pool import Pool
+from warmpool.scheduling.pool import Pool, Scheduler
 
 log = logging.getLogger("warmpool.residency")
+STARTUP_SYNC_TIMEOUT = 3.0
 POLL_INTERVAL = 2.0
 REFRESH_FRACTION = 0.2  # re-arm when less than this share of the lease is left ...
 REFRESH_POLLS = 3  # ... or less than this many polls
-
-
-def parse_expiry(text: str | None) -> float | None:
-    """Seconds since the epoch of an /api/ps `expires_at` (RFC 3339 with up to nanoseconds)."""
-    if not text:
-        return None
-    trimmed = re.sub(r"(\.\d{6})\d+", r"\1", text).replace("Z", "+00:00")
-    try:
-        return datetime.fromisoformat(trimmed).timestamp()
-    except ValueError:
-        return None
-
-
-def listed_models(backend: OllamaBackend, entries: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Configured model name -> expiry (epoch seconds) for each /api/ps entry warmpool knows."""
-    by_upstream: dict[str, list[str]] = {}
-    for model in backend.models.values():
-        by_upstream.setdefault(tagged(model.upstream_name), []).append(model.name)
-    found: dict[str, float | None] = {}
-    for entry in entries:
-        for name in by_upstream.get(tagged(str(entry.get("name", ""))), []):
-            found[name] = parse_expiry(entry.get("expires_at"))
-    return found
 
 
 def due_for_refresh(pool: Pool, listed: dict[str, float | None], now: float, interval: float) -> list[str]:
@@ -56,7 +32,7 @@ def due_for_refresh(pool: Pool, listed: dict[str, float | None], now: float, int
         state, model = pool.models[name], pool.backend.models[name]
         if state.status != "resident" or state.inflight or model.keep_alive is not None or expires is None:
             continue
-        margin = max(ollama_keep_alive(model) * REFRESH_FRACTION, interval * REFRESH_POLLS)
+        margin = max((pool.backend.lease_seconds(model) or 0.0) * REFRESH_FRACTION, interval * REFRESH_POLLS)
         if expires - now < margin:
             due.append(name)
     return due
@@ -71,7 +47,7 @@ def reconcile(pool: Pool, listed: dict[str, float | None]) -> None:
             pool.mark_resident(name)
 
 
-async def watch(pool: Pool, backend: OllamaBackend, metrics: Metrics | None,
+async def watch(pool: Pool, backend: Backend, metrics: Metrics | None,
                 interval: float = POLL_INTERVAL) -> None:
     """Poll forever (cancelled at shutdown)."""
     while True:
@@ -79,22 +55,21 @@ async def watch(pool: Pool, backend: OllamaBackend, metrics: Metrics | None,
         await asyncio.sleep(interval)
 
 
-async def poll_once(pool: Pool, backend: OllamaBackend, metrics: Metrics | None, interval: float) -> None:
+async def poll_once(pool: Pool, backend: Backend, metrics: Metrics | None, interval: float) -> None:
     epoch = pool.epoch
     try:
-        entries = await backend.ps_raw()
+        listed = await backend.loaded_expiries()
     except BackendError as exc:
         log.debug("backend %s: /api/ps failed: %s", backend.name, exc.reason)
         return
     if pool.epoch != epoch or pool.swap_task is not None:
         return  # a swap changed things while we asked: this answer may be stale
-    listed = listed_models(backend, entries)
     reconcile(pool, listed)
     for name in due_for_refresh(pool, listed, time.time(), interval):
         await _refresh(pool, backend, name, metrics)
 
 
-async def _refresh(pool: Pool, backend: OllamaBackend, name: str, metrics: Metrics | None) -> None:
+async def _refresh(pool: Pool, backend: Backend, name: str, metrics: Metrics | None) -> None:
     if pool.models[name].status != "resident" or name in pool.draining:
         return
     # Hold a lease while re-arming: a swap cannot unload the model under us, so this load request can
@@ -108,3 +83,25 @@ async def _refresh(pool: Pool, backend: OllamaBackend, name: str, metrics: Metri
             log.warning("re-arming %s on %s failed: %s", name, backend.name, exc.reason)
     if metrics:
         metrics.refreshes.labels(pool.name, name, result).inc()
+
+
+async def sync_residency(scheduler: Scheduler, backends: dict[str, Backend]) -> None:
+    """At start: learn what each managed backend already has loaded, all at once and each within
+    STARTUP_SYNC_TIMEOUT, so a hung backend cannot hold up listening; one that does not answer is
+    learned later (the residency poller, or the first swap)."""
+    managed = {name: b for name, b in backends.items() if b.managed}
+    await asyncio.gather(*(_sync_one(scheduler, name, b) for name, b in managed.items()))
+
+
+async def _sync_one(scheduler: Scheduler, name: str, backend: Backend) -> None:
+    try:
+        async with asyncio.timeout(STARTUP_SYNC_TIMEOUT):
+            residents = await backend.resident()
+    except TimeoutError:
+        log.warning("backend %s: no answer about its loaded models within %g s", name, STARTUP_SYNC_TIMEOUT)
+        return
+    except BackendError as exc:
+        log.warning("backend %s: cannot read its loaded models yet: %s", name, exc.reason)
+        return
+    for resident in residents:
+        scheduler.pools[name].mark_resident(resident.name)
