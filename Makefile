@@ -1,5 +1,6 @@
 # The two quickstart commands: `make serve` (install, then run warmpool on its embedded default) and
-# `make test` (install with the development extras, then run the test suite). CI runs `make test`.
+# `make test` (install with the development extras, then run the test suite). CI runs `make lint` (ruff and
+# mypy) and `make test`.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,13 +14,17 @@ export CMAKE_ARGS
 # openssl (a certificate for the HTTPS upstream test).
 SYSTEM_TOOLS := chromium prometheus openssl
 
-.PHONY: serve test bench clean system-deps
+.PHONY: serve test lint bench clean system-deps
 
 serve: $(VENV)/.installed-serve
 	$(BIN)/warmpool serve $(ARGS)
 
 test: $(VENV)/.installed-dev system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check warmpool tests benchmarks
+	$(BIN)/mypy
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \

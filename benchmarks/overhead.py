@@ -12,7 +12,8 @@ are read with aiohttp's client. Two warmpool routes to the same upstream are mea
   scheduler's lease fast path (acquire, release, re-plan).
 
 For reference, a proxy with no logic at all is measured beside them (`--no-reference` skips it): warmpool's
-front door (warmpool/http/server.py) and its upstream client (warmpool/http/client.py) with nothing in between (no routing,
+front door (warmpool/http/server.py) and its upstream client (warmpool/http/client.py) with nothing in
+between (no routing,
 leases, metrics or rewriting); aiohttp's server in place of the front door for a `--source` checkout that
 has none. It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
 
@@ -136,7 +137,7 @@ def fake_upstream(chunks: int, gap: float) -> web.Application:
 def reference_proxy(upstream: str) -> web.Application:
     """Forward every request to `upstream` and relay the answer: whole when its length is known, else
     chunk by chunk. Nothing else."""
-    Origin = checkout_module("warmpool.http.client", "warmpool.backends.http1").Origin  # noqa: N806
+    Origin = checkout_module("warmpool.http.client", "warmpool.backends.http1").Origin
 
     origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
     json_type = b"Content-Type: application/json\r\n"
@@ -182,7 +183,7 @@ def reference_front_door(upstream: str) -> Callable[..., object] | None:
         return None
     if not Path(frontdoor.__file__).is_relative_to(Path(warmpool.__file__).parent):
         return None  # found beside the checkout under test (an editable install), not in it
-    Origin = checkout_module("warmpool.http.client", "warmpool.backends.http1").Origin  # noqa: N806
+    Origin = checkout_module("warmpool.http.client", "warmpool.backends.http1").Origin
 
     origin = Origin(upstream, connect_timeout=5.0, idle_timeout=60.0)
     json_type = b"Content-Type: application/json\r\n"

@@ -39,12 +39,12 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; the GGUF writer lives with the tests
 
-from synthetic_gguf import write_synthetic_gguf  # noqa: E402
+from synthetic_gguf import write_synthetic_gguf
 
-from warmpool.backends.llamacpp_process import ManagedServer  # noqa: E402
-from warmpool.cli.bench_pressure import evict_fraction, ready_spare  # noqa: E402
-from warmpool.config import BackendConfig, ModelConfig  # noqa: E402
-from warmpool.ramtier import pagecache  # noqa: E402
+from warmpool.backends.llamacpp_process import ManagedServer
+from warmpool.cli.bench_pressure import evict_fraction, ready_spare
+from warmpool.config import BackendConfig, ModelConfig
+from warmpool.ramtier import pagecache
 
 GB = 10**9
 MIB = 1 << 20

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -183,7 +183,7 @@ def host_allowed(host: str) -> bool:
 
 def rfc3339(ts: float, utc: bool = False) -> str:
     """Go's RFC3339Nano: zeros trimmed, 'Z' for offset 0, local unless utc; inf = now + 292 y (§1.7)."""
-    tz = timezone.utc if utc else None
+    tz = UTC if utc else None
     dt = datetime.now(tz) + GO_MAX_DURATION if math.isinf(ts) else datetime.fromtimestamp(ts, tz)
     head, _, rest = dt.astimezone(tz).isoformat(timespec="microseconds").partition(".")
     fraction, offset = rest[:6].rstrip("0"), rest[6:]

@@ -73,7 +73,7 @@ def test_discover_explicit_relative_path_is_resolved_against_cwd(tmp_path: Path)
 
 def test_discover_explicit_missing_is_an_error_even_if_others_exist(tmp_path: Path) -> None:
     write(tmp_path / "warmpool.yaml", "{}")
-    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
         discover_config_path(str(tmp_path / "nope.yaml"), env={}, cwd=tmp_path, home=tmp_path)
 
 
@@ -85,7 +85,7 @@ def test_discover_env_var_wins_over_cwd_and_xdg(tmp_path: Path) -> None:
 
 
 def test_discover_env_var_missing_is_an_error_naming_the_variable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="not found: .*missing.yaml \\(from WARMPOOL_CONFIG\\)"):
+    with pytest.raises(ConfigError, match=r"not found: .*missing\.yaml \(from WARMPOOL_CONFIG\)"):
         discover_config_path(None, env={"WARMPOOL_CONFIG": str(tmp_path / "missing.yaml")}, cwd=tmp_path)
 
 

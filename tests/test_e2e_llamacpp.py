@@ -119,7 +119,8 @@ async def test_errors_in_the_clients_dialect(wp: WarmpoolProcess, dialect: str) 
         (b"{not json", {}, 400, "invalid JSON"),
         ({"messages": []}, {}, 400, "model is required"),
         ({"model": "nope", "messages": []}, {}, 404, "model 'nope' not found"),
-        ({"model": "planner", "messages": []}, {"X-Warmpool-Phase": "review"}, 400, "known phases: context, execution, verification"),
+        ({"model": "planner", "messages": []}, {"X-Warmpool-Phase": "review"}, 400,
+         "known phases: context, execution, verification"),
         ({"model": "planner", "pad": "x" * (2 << 20)}, {}, 413, "exceeds the limit"),
     ]
     for body, headers, code, text in cases:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import time
@@ -738,7 +739,7 @@ async def test_sixteen_clients_over_three_phases_are_batched(make_stack: MakeSta
             assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         else:
             assert chunks[-1]["done"] is True and not any(c["done"] for c in chunks[:-1])
-    changes = 1 + sum(a != b for a, b in zip(SUBMISSION, SUBMISSION[1:]))
+    changes = 1 + sum(a != b for a, b in itertools.pairwise(SUBMISSION))
     loads = stack.loads()
     assert 3 <= loads <= changes
     assert loads <= 4  # batched: A A B B, not A B A B

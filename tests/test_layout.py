@@ -102,7 +102,7 @@ def test_no_import_cycles() -> None:
         state[node] = 1
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append([*path[path.index(nxt):], nxt])
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2

@@ -254,7 +254,7 @@ async def test_bad_gguf_is_unavailable_with_stderr_tail(
 async def test_start_timeout_kills_the_process(model: ModelConfig) -> None:
     backend = BackendConfig(name="managed", kind="llamacpp", start_timeout=0.3, stop_grace=1)
     server = ManagedServer(model, backend)
-    with pytest.raises(BackendUnavailable, match="not healthy within 0.3 s"):
+    with pytest.raises(BackendUnavailable, match=r"not healthy within 0\.3 s"):
         await server.start()
     assert server.pid is not None and not running(server.pid) and group_members(server.pid) == []
 

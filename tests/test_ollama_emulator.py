@@ -162,7 +162,7 @@ async def test_idle_timer_starts_when_the_request_finishes(make_emulator: Make, 
     assert finished - begun > 0.5 and reply.eval_count == 8
     assert QWEN in emu.loaded()  # the request outlived keep_alive, yet the model is still there
     await wait_for(lambda: QWEN not in emu.loaded())
-    unloaded = [e for e in emu.events if e["event"] == "unload"][0]
+    unloaded = next(e for e in emu.events if e["event"] == "unload")
     # decoding took ≥ 0.8 s, so a timer started at completion fires ≥ 1.3 s after the request began
     assert unloaded["t"] - begun >= 1.29 and unloaded["t"] > finished and unloaded["reason"] == "expired"
 

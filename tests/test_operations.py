@@ -41,14 +41,13 @@ def ollama_config(url: str, **extra: Any) -> dict[str, Any]:
 
 async def request(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
                   ) -> tuple[int, dict[str, str], Any]:
-    async with aiohttp.ClientSession() as s:
-        async with s.request(method, url, json=body, headers=headers or {}) as r:
-            raw = await r.read()
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                data = raw.decode()
-            return r.status, dict(r.headers), data
+    async with aiohttp.ClientSession() as s, s.request(method, url, json=body, headers=headers or {}) as r:
+        raw = await r.read()
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = raw.decode()
+        return r.status, dict(r.headers), data
 
 
 GEN = {"model": "alpha", "prompt": "hi", "stream": False}
@@ -261,10 +260,7 @@ async def test_loading_feedback_tells_a_streaming_client_what_it_waits_for(diale
                 body = {"model": "alpha", "messages": [{"role": "user", "content": "x"}], "stream": True}
                 async with s.post(url + path, json=body) as r:
                     first = await r.content.readline()
-        if dialect == "ollama":
-            status = json.loads(first)["warmpool"]["status"]
-        else:
-            status = first.decode()
+        status = json.loads(first)["warmpool"]["status"] if dialect == "ollama" else first.decode()
         assert "loading alpha" in status
     finally:
         await slow.stop()

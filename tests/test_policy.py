@@ -9,7 +9,8 @@ def pool(*models: ModelState, waiters: list[Waiter] | None = None, **kw: object)
     return PoolView(models={m.name: m for m in models}, waiters=waiters or [], **kw)  # type: ignore[arg-type]
 
 
-def resident(name: str, *, inflight: int = 0, last_used: float = 0.0, loaded_at: float = 0.0, **kw: object) -> ModelState:
+def resident(name: str, *, inflight: int = 0, last_used: float = 0.0, loaded_at: float = 0.0,
+             **kw: object) -> ModelState:
     return ModelState(name, "resident", inflight=inflight, last_used=last_used, loaded_at=loaded_at, **kw)  # type: ignore[arg-type]
 
 

@@ -1,4 +1,5 @@
-"""warmpool.dialects.ollama_from_openai: Ollama ⇄ OpenAI mapping, fed payloads shaped like llama.cpp servers emit them."""
+"""warmpool.dialects.ollama_from_openai: Ollama ⇄ OpenAI mapping, fed payloads shaped like llama.cpp servers
+emit them."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 Child = TypeVar("Child")
 
 # `*_created` series double the series count and no dashboard reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Swaps range from a 50 ms load out of RAM to minutes for a large model from a slow disk.
 SWAP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -159,7 +159,7 @@ class LoopHistogram(LoopFamily["HistogramChild"]):
 
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-        names = [floatToGoString(bound) for bound in self.bounds]
+        names = [floatToGoString(bound) for bound in self.bounds]  # type: ignore[no-untyped-call]
         for values, child in self.children.items():
             cumulative, buckets = 0, []
             for name, count in zip(names, child.counts, strict=True):

@@ -1,5 +1,6 @@
-"""The per-model admin API and the checks every admin endpoint shares (admin key, known model): every model's tiers (`GET /warmpool/models`), and warming or evicting a
-model's weight files in the page cache (`POST /warmpool/models/{name}/warm|evict`)."""
+"""The per-model admin API and the checks every admin endpoint shares (admin key, known model): every model's
+tiers (`GET /warmpool/models`), and warming or evicting a model's weight files in the page cache
+(`POST /warmpool/models/{name}/warm|evict`)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, ti
 
 
 def known_model(request: web.Request, cfg: Config) -> str:
-    name = request.match_info["name"]
+    name = str(request.match_info["name"])
     if name not in cfg.models:
         raise web.HTTPNotFound(text=json.dumps({"error": f"model '{name}' not found"}),
                                content_type="application/json")

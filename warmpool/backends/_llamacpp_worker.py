@@ -44,8 +44,8 @@ def report(event: str, **fields: Any) -> None:
 def import_server() -> float:
     """Do the expensive imports ahead of need; returns seconds."""
     started = time.perf_counter()
-    import llama_cpp  # noqa: F401
-    import llama_cpp.server.app  # noqa: F401
+    import llama_cpp
+    import llama_cpp.server.app
     import llama_cpp.server.settings  # noqa: F401
     import uvicorn  # noqa: F401
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import json
 import logging
@@ -243,10 +244,8 @@ class _Child:
             pass  # it died just now: the health check reports that, with its exit code and stderr
 
     def signal_group(self, sig: signal.Signals) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)  # the group id is the pid: start_new_session made it a leader
-        except ProcessLookupError:
-            pass
 
     async def stop(self, grace: float) -> None:
         """SIGTERM the group, SIGKILL it after `grace`, reap; safe to call again."""
@@ -278,7 +277,7 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
     """Whether `event` was set within `timeout` seconds."""
     try:
         await asyncio.wait_for(event.wait(), max(timeout, 0.0))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     return True
 
@@ -480,7 +479,7 @@ class ManagedServer:
         try:
             async with session.get(self.url + PROBE_PATH) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return False
 
     def _record_start(self, started: float) -> None:
@@ -502,7 +501,7 @@ class ManagedServer:
         started = time.monotonic()
         try:
             await self._post(path, body)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise BackendTimeout(self.backend.name, f"{self.model.name}: warm-up timed out") from exc
         except aiohttp.ClientError as exc:
             raise self._error(f"warm-up failed: {exc!r}") from exc
@@ -517,11 +516,11 @@ class ManagedServer:
 
     async def _post(self, path: str, body: dict[str, Any]) -> None:
         timeout = aiohttp.ClientTimeout(total=self.backend.start_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.post(self.url + path, json=body) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise self._error(f"warm-up answered {response.status}: {text[:300]}")
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.post(self.url + path, json=body) as response:
+            text = await response.text()
+            if response.status != 200:
+                raise self._error(f"warm-up answered {response.status}: {text[:300]}")
 
     async def stop(self) -> None:
         """SIGTERM the process group, SIGKILL after stop_grace, reap; idempotent."""

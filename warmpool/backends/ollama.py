@@ -129,8 +129,9 @@ class OllamaBackend(Backend):
         by_upstream = self._configured_by_upstream()
         found: dict[str, dict[str, Any]] = {}
         for entry in entries if isinstance(entries, list) else []:
-            for name in by_upstream.get(with_default_tag(str(entry.get("name", ""))), []) if isinstance(entry, dict) else []:
-                found[name] = entry
+            if isinstance(entry, dict):
+                for name in by_upstream.get(with_default_tag(str(entry.get("name", ""))), []):
+                    found[name] = entry
         return found
 
     async def ps_raw(self) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ class OpenAIBackend(Backend):
     async def health(self) -> bool:
         try:
             resp = await send(self.session, self.name, "GET", self.base_url(None) + "/v1/models",
-                              self.own_headers(), None, self.app_config.timeouts.connect + 20)
+                              dict(self.own_headers()), None, self.app_config.timeouts.connect + 20)
             await read_json(resp, self.name)
         except BackendError:
             return False

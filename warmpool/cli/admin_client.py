@@ -69,7 +69,9 @@ def render_status(status: dict[str, Any]) -> str:
 
 
 def _render_pool(pool: dict[str, Any]) -> str:
-    budget = f"max_resident {pool['max_resident']}" + (f", vram_budget {pool['vram_budget']}" if pool["vram_budget"] else "")
+    budget = f"max_resident {pool['max_resident']}"
+    if pool["vram_budget"]:
+        budget += f", vram_budget {pool['vram_budget']}"
     head = f"pool {pool['pool']} ({pool['kind']}, {budget})"
     models = table(["MODEL", "STATUS", "IN FLIGHT", "QUEUED", "PINNED"], [
         [name, m["status"], m["inflight"], pool["queue"].get(name, 0), "yes" if m["pinned"] else ""]
@@ -152,7 +154,9 @@ def _ago(epoch: Any) -> str:
     if not epoch:
         return "never"
     seconds = max(0, int(time.time() - epoch))
-    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago" if seconds < 7200 else f"{seconds // 3600}h ago"
+    if seconds < 120:
+        return f"{seconds}s ago"
+    return f"{seconds // 60}m ago" if seconds < 7200 else f"{seconds // 3600}h ago"
 
 
 RENDER = {"status": render_status, "models": render_models}

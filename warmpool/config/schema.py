@@ -71,7 +71,7 @@ def _within(inner: str, outer: str) -> bool:
 
 
 def _lacks(raw: Any, key: str) -> bool:
-    return raw is None or isinstance(raw, Mapping) and key not in raw
+    return raw is None or (isinstance(raw, Mapping) and key not in raw)
 
 
 class _Checker:
@@ -187,7 +187,7 @@ def _build(tree: dict[str, Any], ck: _Checker, source: str) -> Config:
     top = ck.section(tree, "", _TOP, extra=_NESTED)
     sections = {key: cls(**ck.section(tree.get(key), key, spec)) for key, (cls, spec) in _SECTIONS.items()}
     backends = _backends(ck, tree.get("backends"))
-    models = _models(ck, tree.get("models"), {name: b and b.kind for name, b in backends.items()})
+    models = _models(ck, tree.get("models"), {name: b.kind if b else None for name, b in backends.items()})
     phases = _phases(ck, tree.get("phases"), models)
     _check_references(ck, top, models, phases)
     _check_idle_defaults(ck, backends, models)

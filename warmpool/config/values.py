@@ -7,7 +7,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 import yaml
@@ -52,10 +52,10 @@ def _scalar(value: Any) -> Any:
 
 
 def _is_null(value: Any) -> bool:
-    return value is None or isinstance(value, _Text) and value.strip() in ("", "~", "null", "Null", "NULL")
+    return value is None or (isinstance(value, _Text) and value.strip() in ("", "~", "null", "Null", "NULL"))
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)  # YAML's `true` is an int to Python
 
 
@@ -268,9 +268,9 @@ def parse_size(value: object) -> int:
     if isinstance(value, str) and value.strip().endswith("%"):
         raise ValueError(f"expected a size in bytes (e.g. '4GiB'), got {_show(value)}: no percentages here")
     size = _size_text(value) if isinstance(value, str) else value if _is_int(value) else None
-    if size is None or size < 0:  # type: ignore[operator]
+    if size is None or size < 0:
         raise _expect("a size (bytes, or e.g. '512MB', '1.5GB', '4GiB')", value)
-    return int(size)  # type: ignore[arg-type]
+    return size
 
 
 def _size_text(text: str) -> int | None:

@@ -75,7 +75,8 @@ class OpenAIFromOllama:
             body = json.loads(raw) if raw else {}
         except ValueError:
             body = {"error": raw.decode(errors="replace")}
-        return json.dumps(ollama_from_openai.ollama_error_to_openai(body if isinstance(body, dict) else {}, status)).encode()
+        error = ollama_from_openai.ollama_error_to_openai(body if isinstance(body, dict) else {}, status)
+        return json.dumps(error).encode()
 
     def whole_body(self, raw: bytes) -> bytes:
         data = json.loads(raw)

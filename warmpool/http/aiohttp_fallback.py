@@ -11,7 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from warmpool.errors import PayloadTooLarge
-from warmpool.http.exchange import Headers, Incoming, Reply, media_type
+from warmpool.http.exchange import HeaderLookup, Headers, Incoming, Reply, media_type
 
 Handler = Callable[[Incoming, Reply], Awaitable[None]]
 
@@ -24,7 +24,7 @@ class AiohttpIncoming:
         self.method = request.method
         self.path = request.path
         self.query = request.rel_url.raw_query_string
-        self.headers = request.headers
+        self.headers: HeaderLookup = request.headers
         self.raw_headers = request.raw_headers
         self.content_length = request.content_length
         self.limit = limit

@@ -9,10 +9,10 @@ from warmpool.http.exchange import HeaderLookup
 
 def bearer(headers: HeaderLookup, *, x_api_key: bool = False) -> bytes:
     """The key a request presents: `Authorization: Bearer KEY`, or (for API clients that use it) `x-api-key`."""
-    auth = headers.get("Authorization", "")
+    auth = headers.get("Authorization") or ""
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip().encode()
-    return headers.get("x-api-key", "").encode() if x_api_key else b""
+    return (headers.get("x-api-key") or "").encode() if x_api_key else b""
 
 
 def accepted(presented: bytes, keys: list[bytes]) -> bool:

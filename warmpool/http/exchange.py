@@ -17,7 +17,9 @@ TEXT = "text/plain; charset=utf-8"
 
 
 class HeaderLookup(Protocol):
-    def get(self, name: str, default: Any = None, /) -> Any: ...
+    """A request's headers by name, case ignored (the first of repeated ones)."""
+
+    def get(self, name: str, /) -> str | None: ...
 
 
 class Incoming(Protocol):

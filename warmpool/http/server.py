@@ -55,10 +55,10 @@ class Fields:
     def __init__(self, by_name: dict[bytes, bytes]) -> None:
         self.by_name = by_name
 
-    def get(self, name: str, default: Any = None) -> Any:
+    def get(self, name: str, /) -> str | None:
         key = _KEYS.get(name) or _KEYS.setdefault(name, name.lower().encode("latin-1"))
         value = self.by_name.get(key)
-        return default if value is None else value.decode("latin-1")
+        return None if value is None else value.decode("latin-1")
 
 
 _KEYS: dict[str, bytes] = {}  # the few names looked up, lower-cased and encoded once
@@ -427,4 +427,4 @@ def _date_line() -> bytes:
     now = int(time.time())
     if now != _date[0]:
         _date[0], _date[1] = now, b"Date: %b\r\n" % formatdate(now, usegmt=True).encode()
-    return _date[1]
+    return bytes(_date[1])

@@ -90,7 +90,7 @@ class Proxy:
             await self._fail(ex, error, ex.tags())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client left; nothing to answer
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, never the proxy
+        except Exception as exc:  # a bug must cost one request, never the proxy
             log.exception("internal error on %s %s", ex.request.method, ex.request.path)
             await self._fail(ex, WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), [])
         self._account(ex)
@@ -184,7 +184,7 @@ class Proxy:
             while not (await asyncio.wait({waiting}, timeout=feedback.INTERVAL))[0]:
                 line = feedback.line(ex.request.path, name, pool.describe_wait(name), time.monotonic() - ex.started)
                 await ex.reply.write(line)
-            return waiting.result()
+            return float(waiting.result())
         except BaseException:
             if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
                 pool.release(name)  # granted in the instant the client left: hand the lease back
@@ -202,7 +202,8 @@ class Proxy:
             await pool.unload(ex.model.name, self.cfg.scheduler.queue_timeout)
         else:
             ex.queue_wait = await pool.load(ex.model.name)
-        await ex.answer(Answer.json(ollama_from_openai.ollama_preload_response(ex.request.path, ex.model.name, unload=unload)))
+        answer = ollama_from_openai.ollama_preload_response(ex.request.path, ex.model.name, unload=unload)
+        await ex.answer(Answer.json(answer))
 
     def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
         assert ex.model is not None

@@ -103,7 +103,8 @@ def _ps_entry(model: ModelConfig, size: int, expires_at: str | None, context_len
 
 def _openai_models(cfg: Config) -> list[dict[str, Any]]:
     created = int(time.time())
-    return [ollama_from_openai.openai_model_entry(m.name, created=created, owned_by=m.backend) for m in cfg.models.values()]
+    entry = ollama_from_openai.openai_model_entry
+    return [entry(m.name, created=created, owned_by=m.backend) for m in cfg.models.values()]
 
 
 def _openai_model(cfg: Config, requested: str) -> dict[str, Any]:

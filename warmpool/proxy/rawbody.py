@@ -60,10 +60,7 @@ def _only_model_differs(body: dict[str, Any], client_body: dict[str, Any]) -> bo
     # Values are the very objects of the client's body (a shallow copy), so identity is the test.
     if body.keys() != client_body.keys():
         return False
-    for key, value in body.items():
-        if value is not client_body[key] and key != "model":
-            return False
-    return True
+    return all(value is client_body[key] or key == "model" for key, value in body.items())
 
 
 def plain_utf8(raw: bytes) -> bool:

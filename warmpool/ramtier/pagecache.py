@@ -37,8 +37,17 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = [
-    "Method", "MlockLimitError", "MlockPin", "PAGE_SIZE", "PageCacheError", "Residency", "drop",
-    "readahead_bytes", "residency", "warm_madvise", "warm_read",
+    "PAGE_SIZE",
+    "Method",
+    "MlockLimitError",
+    "MlockPin",
+    "PageCacheError",
+    "Residency",
+    "drop",
+    "readahead_bytes",
+    "residency",
+    "warm_madvise",
+    "warm_read",
 ]
 
 PAGE_SIZE = mmap.PAGESIZE

@@ -266,7 +266,7 @@ class RamTier:
             await asyncio.sleep(self.next_interval())
             try:
                 await self.tick()
-            except Exception:  # noqa: BLE001 - the timer must outlive one bad round
+            except Exception:  # the timer must outlive one bad round
                 log.exception("RAM tier round failed")
 
     def next_interval(self) -> float:

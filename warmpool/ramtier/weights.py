@@ -29,9 +29,20 @@ from urllib.parse import urlsplit
 from warmpool.config import Config, ModelConfig
 
 __all__ = [
-    "OllamaName", "SearchRoots", "WEIGHT_MEDIA_TYPES", "WeightFiles", "discover_all", "find_weights",
-    "from_modelfile", "hf_cache_ggufs", "is_local_url", "modelfile_paths", "ollama_blob", "ollama_blobs",
-    "scan_dirs", "split_parts",
+    "WEIGHT_MEDIA_TYPES",
+    "OllamaName",
+    "SearchRoots",
+    "WeightFiles",
+    "discover_all",
+    "find_weights",
+    "from_modelfile",
+    "hf_cache_ggufs",
+    "is_local_url",
+    "modelfile_paths",
+    "ollama_blob",
+    "ollama_blobs",
+    "scan_dirs",
+    "split_parts",
 ]
 
 MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
@@ -315,7 +326,7 @@ def find_weights(model: ModelConfig, backend_kind: str, roots: SearchRoots, *,
         found = _ollama_weights(model, roots, show_modelfile, reasons)
         if found is not None:
             return found
-    return _by_name(model, roots) or WeightFiles(reason="; ".join(reasons + [_not_in_dirs(model, roots)]))
+    return _by_name(model, roots) or WeightFiles(reason="; ".join([*reasons, _not_in_dirs(model, roots)]))
 
 
 def _configured_gguf(path: Path) -> WeightFiles:

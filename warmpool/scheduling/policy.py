@@ -17,6 +17,7 @@ so every rule below is tested alone (tests/test_policy.py):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -153,11 +154,15 @@ def _victims_needed(view: PoolView, wanted: ModelState, candidates: list[ModelSt
 
 
 def _fits(view: PoolView, resident: list[ModelState], wanted: ModelState) -> bool:
-    if len(resident) + 1 > view.max_resident:
+    return fits(view.max_resident, view.vram_budget, [m.size for m in resident], wanted.size)
+
+
+def fits(max_resident: int, vram_budget: int | None, resident_sizes: Sequence[int], wanted_size: int) -> bool:
+    """The pool's budget rule: one more model beside `resident_sizes` within `max_resident` models and,
+    when set, `vram_budget` bytes."""
+    if len(resident_sizes) + 1 > max_resident:
         return False
-    if view.vram_budget is None:
-        return True
-    return sum(m.size for m in resident) + wanted.size <= view.vram_budget
+    return vram_budget is None or sum(resident_sizes) + wanted_size <= vram_budget
 
 
 def _evictable_now(model: ModelState, now: float, overdue: bool) -> bool:
@@ -213,6 +218,6 @@ def _plan_idle_default(view: PoolView, now: float, result: Plan) -> float | None
     return probe.wake_at
 
 
-def _earliest(times: list[float | None]) -> float | None:
+def _earliest(times: Sequence[float | None]) -> float | None:
     known = [t for t in times if t is not None]
     return min(known) if known else None

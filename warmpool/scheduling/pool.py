@@ -54,7 +54,7 @@ class Lease:
     """`async with pool.lease(model) as waited:` - a class rather than an asynccontextmanager, because
     every proxied request takes one (the generator-based form costs several times more)."""
 
-    __slots__ = ("pool", "model")
+    __slots__ = ("model", "pool")
 
     def __init__(self, pool: Pool, model: str) -> None:
         self.pool = pool
@@ -89,6 +89,7 @@ class Pool:
         self.closed = False
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        self._change_waits: list[asyncio.Future[None]] = []  # operator unloads waiting for the model to go
         # Where a swap's weights come from (RAM tier: "ram" | "disk"), measured when the swap starts.
         self.source_probe: Callable[[str], Awaitable[str]] = _unknown_source
         self.on_use: Callable[[str], None] = lambda model: None
@@ -201,6 +202,8 @@ class Pool:
         )
 
     def replan(self) -> None:
+        if self._change_waits:
+            self._wake_change_waits()  # every change ends in a replan
         if self.closed:
             return
         for state in self.models.values():
@@ -266,7 +269,7 @@ class Pool:
     async def _probe_source(self, name: str) -> str:
         try:
             return await self.source_probe(name)
-        except Exception:  # noqa: BLE001 - a failed measurement must not fail the swap
+        except Exception:  # a failed measurement must not fail the swap
             log.exception("measuring the source tier of %s failed", name)
             return "unknown"
 
@@ -342,8 +345,16 @@ class Pool:
         self.replan()
         async with asyncio.timeout(timeout):
             while state.status != "absent" or model in self.unload_requested:
-                await asyncio.sleep(0.02)
+                changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._change_waits.append(changed)
+                await changed
         return True
+
+    def _wake_change_waits(self) -> None:
+        waits, self._change_waits = self._change_waits, []
+        for changed in waits:
+            if not changed.done():
+                changed.set_result(None)
 
     # -- outside events -----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import logging
 from warmpool.config import Config
 from warmpool.errors import WarmpoolError
 from warmpool.metrics import Metrics
+from warmpool.scheduling.policy import fits
 from warmpool.scheduling.pool import Scheduler
 
 log = logging.getLogger("warmpool.preload")
@@ -21,13 +22,9 @@ def fitting(cfg: Config) -> list[str]:
     chosen: list[str] = []
     for name in dict.fromkeys(cfg.preload):
         backend = cfg.backend_of(name)
-        same_pool = [cfg.models[m] for m in chosen if cfg.models[m].backend == backend.name]
-        if len(same_pool) + 1 > backend.max_resident:
-            continue
-        if backend.vram_budget is not None:
-            if sum(m.size or 0 for m in same_pool) + (cfg.models[name].size or 0) > backend.vram_budget:
-                continue
-        chosen.append(name)
+        sizes = [cfg.models[m].size or 0 for m in chosen if cfg.models[m].backend == backend.name]
+        if fits(backend.max_resident, backend.vram_budget, sizes, cfg.models[name].size or 0):
+            chosen.append(name)
     skipped = [m for m in cfg.preload if m not in chosen]
     if skipped:
         log.info("preload: %s do not fit their pool's budget next to %s; not preloaded", skipped, chosen)

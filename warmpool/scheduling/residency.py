@@ -1,10 +1,10 @@
 """Keeps warmpool's view of what each backend has loaded true, and keeps pinned models loaded.
 
 At start every managed backend is asked what it already has loaded (`sync_residency`). A backend that
-unloads models on its own (Ollama) is then polled: every few seconds its pool reads /api/ps: a model that left without warmpool unloading
-it (Ollama's own expiry, another client, a crash) is marked gone, so the next request reloads it; one
-loaded by someone else is counted. A model that should stay loaded is re-armed before Ollama's
-`expires_at` (Ollama frees it at that instant, whatever warmpool believes).
+unloads models on its own (Ollama) is then polled: every few seconds its pool reads /api/ps: a model that
+left without warmpool unloading it (Ollama's own expiry, another client, a crash) is marked gone, so the
+next request reloads it; one loaded by someone else is counted. A model that should stay loaded is
+re-armed before Ollama's `expires_at` (Ollama frees it at that instant, whatever warmpool believes).
 """
 
 from __future__ import annotations
