@@ -90,6 +90,10 @@ class Upstream(Protocol):
 LostCallback = Callable[[str, str], None]  # (model, reason): a model vanished without warmpool unloading it
 
 
+def _nobody_listens(model: str, reason: str) -> None:
+    pass
+
+
 class Backend:
     """Base class. Subclasses: OllamaBackend, LlamaCppBackend, OpenAIBackend."""
 
@@ -104,7 +108,7 @@ class Backend:
         self.name = config.name
         self.app_config = app_config
         self.models = {m.name: m for m in app_config.models.values() if m.backend == config.name}
-        self.on_lost: LostCallback = lambda model, reason: None
+        self.on_lost: LostCallback = _nobody_listens
         self.healthy_once = False
         self._session: aiohttp.ClientSession | None = None
         self._origins: dict[str, Origin] = {}
@@ -119,6 +123,11 @@ class Backend:
         if self._session is None:
             self._session = make_session(self.app_config)
         return self._session
+
+    def report_losses_to(self, callback: LostCallback) -> None:
+        """Where to report a model that left the upstream without warmpool unloading it (a crashed server):
+        the pool that owns this backend subscribes when it is built."""
+        self.on_lost = callback
 
     async def start(self) -> None:
         """Start probing the upstream in the background; an upstream that is down is never fatal."""

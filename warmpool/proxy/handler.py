@@ -27,7 +27,7 @@ from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
 from warmpool.proxy import feedback, listings, relay, routing
 from warmpool.proxy.rawbody import plain_utf8, upstream_body
-from warmpool.scheduling.pool import Scheduler
+from warmpool.scheduling.pool import Lease, Scheduler
 
 log = logging.getLogger("warmpool.access")
 MODEL_HEADER = "X-Warmpool-Model"
@@ -139,31 +139,35 @@ class Proxy:
         if ex.dialect == "ollama" and ollama_from_openai.is_ollama_preload(ex.request.path, ex.body):
             return await self._load_or_unload(ex)
         path, body, transform = self._upstream_request(ex, backend)
-        name = ex.model.name
-        pool = self.scheduler.pool_of(name)
-        if not pool.take(name):
+        lease = self.scheduler.lease(ex.model.name)
+        if not lease.try_now():
             if self._wants_feedback(ex):
-                return await self._inference_with_feedback(ex, backend, path, body, transform)
-            ex.queue_wait = await pool.wait_for(name)
+                return await self._inference_with_feedback(ex, backend, lease, path, body, transform)
+            ex.queue_wait = await lease.wait()
         try:
             self._observe_queue(ex)
             await self._forward(ex, backend, path, body, transform)
         finally:
-            pool.release(name)
+            lease.release()
 
     def _wants_feedback(self, ex: Exchange) -> bool:
         return feedback.streams(ex.request.path, ex.body) and feedback.wanted(
             ex.request.headers.get(feedback.HEADER), self.cfg.loading_feedback)
 
-    async def _inference_with_feedback(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
-                                       transform: Transform | None) -> None:
+    async def _inference_with_feedback(self, ex: Exchange, backend: Backend, lease: Lease, path: str,
+                                       body: dict[str, Any], transform: Transform | None) -> None:
         """Open the stream now and tell the client what it waits for; then relay into that stream."""
         assert ex.model is not None
-        pool = self.scheduler.pool_of(ex.model.name)
+        pool, name = self.scheduler.pool_of(ex.model.name), ex.model.name
         await ex.reply.start(200, "", [("Content-Type", feedback.content_type(ex.dialect)), *ex.tags()], None)
         self._first_byte_observer(ex)()
+
+        async def tell() -> None:
+            seconds = time.monotonic() - ex.started
+            await ex.reply.write(feedback.line(ex.request.path, name, pool.describe_wait(name), seconds))
+
         try:
-            ex.queue_wait = await self._wait_with_feedback(ex, pool)
+            ex.queue_wait = await lease.wait(every=feedback.INTERVAL, tick=tell)
         except WarmpoolError as error:
             await relay.report_in_stream(ex.reply, error)
             return
@@ -174,23 +178,7 @@ class Proxy:
         except WarmpoolError as error:
             await relay.report_in_stream(ex.reply, error)
         finally:
-            pool.release(ex.model.name)
-
-    async def _wait_with_feedback(self, ex: Exchange, pool: Any) -> float:
-        assert ex.model is not None
-        name = ex.model.name
-        waiting = asyncio.ensure_future(pool.acquire(name))
-        try:
-            while not (await asyncio.wait({waiting}, timeout=feedback.INTERVAL))[0]:
-                line = feedback.line(ex.request.path, name, pool.describe_wait(name), time.monotonic() - ex.started)
-                await ex.reply.write(line)
-            return float(waiting.result())
-        except BaseException:
-            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
-                pool.release(name)  # granted in the instant the client left: hand the lease back
-            else:
-                waiting.cancel()  # the client left: leave the queue, cause no load
-            raise
+            lease.release()
 
     async def _load_or_unload(self, ex: Exchange) -> None:
         """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,
