@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+Dialect = Literal["ollama", "openai"]  # the API family a client speaks, or a backend's inference endpoints
 
 OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -46,8 +48,8 @@ class WarmpoolError(Exception):
         kind = OPENAI_TYPES.get(self.status, "api_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
 
-    def body(self, dialect: str) -> dict[str, Any]:
-        """The JSON body for `dialect` ("ollama" or "openai"; anything else gets the OpenAI shape)."""
+    def body(self, dialect: Dialect) -> dict[str, Any]:
+        """The JSON body for `dialect`."""
         return self.ollama_body() if dialect == "ollama" else self.openai_body()
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from warmpool.backends.control import make_session
 from warmpool.config import BackendConfig, Config, ModelConfig
-from warmpool.errors import BackendError, BackendTimeout
+from warmpool.errors import BackendError, BackendTimeout, Dialect
 from warmpool.http.client import ConnectFailed, Origin, UpstreamBroken
 from warmpool.http.wire import encode_headers, forwardable
 
@@ -56,8 +56,6 @@ class ResidentModel:
     context_length: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
-
-Dialect = Literal["ollama", "openai"]  # the API family a backend's inference endpoints speak
 
 __all__ = ["Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream", "UpstreamBroken"]
 

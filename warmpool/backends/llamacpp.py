@@ -85,7 +85,7 @@ class LlamaCppBackend(Backend):
 
     async def resident(self) -> list[ResidentModel]:
         return [
-            ResidentModel(name=name, size=_file_size(self.models[name]), context_length=self.models[name].n_ctx)
+            ResidentModel(name=name, size=_file_size(self.models[name]), context_length=_n_ctx(self.models[name]))
             for name, server in self.servers.items() if server.alive
         ]
 
@@ -124,3 +124,7 @@ def _file_size(model: ModelConfig) -> int:
         return os.path.getsize(model.gguf) if model.gguf else 0
     except OSError:
         return 0
+
+
+def _n_ctx(model: ModelConfig) -> int:
+    return model.llamacpp.n_ctx if model.llamacpp is not None else 0

@@ -74,19 +74,22 @@ def llama_settings(model: ModelConfig, port: int) -> dict[str, Any]:
     explicit extra could otherwise never take effect) but never host, port or interrupt_requests, which
     are warmpool's contract with the process.
     """
+    llama = model.llamacpp
+    if llama is None:
+        raise ValueError(f"model {model.name!r} has no llama.cpp settings (not a llamacpp backend's model)")
     settings: dict[str, Any] = {
-        "model": str(model.gguf),
+        "model": llama.gguf,
         "model_alias": model.upstream_name,
-        "n_ctx": model.n_ctx,
-        "n_gpu_layers": model.n_gpu_layers,
-        "n_batch": model.n_batch,
+        "n_ctx": llama.n_ctx,
+        "n_gpu_layers": llama.n_gpu_layers,
+        "n_batch": llama.n_batch,
         "embedding": model.embedding,
-        "use_mmap": model.use_mmap,
-        "use_mlock": model.use_mlock,  # llama-cpp-python defaults to true on Linux; pass ours explicitly
+        "use_mmap": llama.use_mmap,
+        "use_mlock": llama.use_mlock,  # llama-cpp-python defaults to true on Linux; pass ours explicitly
     }
-    optional = {"n_threads": model.n_threads, "chat_format": model.chat_format}
+    optional = {"n_threads": llama.n_threads, "chat_format": llama.chat_format}
     settings.update({k: v for k, v in optional.items() if v is not None})
-    settings.update(model.server_args)
+    settings.update(llama.server_args)
     settings.update(host=HOST, port=port, interrupt_requests=False)
     return settings
 

@@ -54,8 +54,8 @@ class OllamaBackend(Backend):
             options = body.get("options") or {}
             if not isinstance(options, dict):
                 raise BadRequest("'options' must be an object")
-            if model.options:
-                out["options"] = {**options, **model.options}
+            if load_options(model):
+                out["options"] = {**options, **load_options(model)}
         return out
 
     async def health(self) -> bool:
@@ -170,11 +170,16 @@ def parse_expiry(text: str | None) -> float | None:
         return None
 
 
+def load_options(model: ModelConfig) -> dict[str, Any]:
+    """The load-time options configured for `model` (num_ctx, ...): sent with every request for it."""
+    return model.ollama.options if model.ollama is not None else {}
+
+
 def load_request(model: ModelConfig) -> tuple[str, dict[str, Any]]:
     """The empty request that makes Ollama load `model` with the options its traffic uses."""
     body: dict[str, Any] = {"model": model.upstream_name, "keep_alive": ollama_keep_alive(model)}
-    if model.options:
-        body["options"] = dict(model.options)
+    if load_options(model):
+        body["options"] = dict(load_options(model))
     if model.embedding:
         return "/api/embed", {**body, "input": []}
     return "/api/generate", body

@@ -8,9 +8,11 @@ from warmpool.config.model import (
     BackendConfig,
     BackendKind,
     Config,
+    LlamaCppModel,
     LogConfig,
     MemoryAmount,
     ModelConfig,
+    OllamaModel,
     RamTierConfig,
     SchedulerConfig,
     Strategy,
@@ -20,7 +22,7 @@ from warmpool.config.redact import redacted
 from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
-    "AuthConfig", "BackendConfig", "BackendKind", "Config", "LogConfig", "MemoryAmount", "ModelConfig",
-    "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig", "config_from_mapping",
-    "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
+    "AuthConfig", "BackendConfig", "BackendKind", "Config", "LlamaCppModel", "LogConfig", "MemoryAmount",
+    "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig",
+    "config_from_mapping", "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
 ]

@@ -20,7 +20,7 @@ from warmpool.backends.base import Backend, Upstream
 from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.dialects import ollama_from_openai, openai_from_ollama
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
-from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
+from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
 from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
@@ -40,7 +40,7 @@ class Exchange:
 
     request: Incoming
     reply: Reply
-    dialect: str
+    dialect: Dialect
     started: float
     body: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""  # the body as the client sent it
@@ -199,10 +199,11 @@ class Proxy:
         if ex.dialect == "ollama" and backend.speaks == "openai":
             upstream_path, body = ollama_from_openai.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
             return upstream_path, body, OllamaFromOpenAI(path, ex.model.name, ex.body)
-        if ex.dialect == "openai" and backend.speaks == "ollama" and ex.model.options:
+        options = ex.model.ollama.options if ex.model.ollama is not None else {}
+        if ex.dialect == "openai" and backend.speaks == "ollama" and options:
             # Ollama's /v1 cannot carry load-time options: it would reload the model with defaults.
             upstream_path, body = openai_from_ollama.openai_request_to_ollama(
-                path, ex.body, ex.model.upstream_name, ex.model.options, backend.lease_seconds(ex.model))
+                path, ex.body, ex.model.upstream_name, options, backend.lease_seconds(ex.model))
             return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
         body = backend.rewrite_body(ex.model, path, ex.body)
         return path, body, None
@@ -271,5 +272,5 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def error_answer(error: WarmpoolError, dialect: str) -> Answer:
+def error_answer(error: WarmpoolError, dialect: Dialect) -> Answer:
     return Answer.json(error.body(dialect), status=error.status, headers=error.headers)

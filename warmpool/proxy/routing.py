@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmpool.config import Config
-from warmpool.errors import BadRequest, ModelNotFound
+from warmpool.errors import BadRequest, Dialect, ModelNotFound
 
 PHASE_HEADER = "X-Warmpool-Phase"
 
@@ -30,7 +30,7 @@ ALLOWED_METHODS = {
 }
 
 
-def dialect_of(path: str) -> str:
+def dialect_of(path: str) -> Dialect:
     """"openai" for /v1/*, "ollama" for everything else (Ollama's native API and its root)."""
     return "openai" if path.startswith("/v1/") else "ollama"
 
