@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from warmpool.dialects.jsonfields import JSON
+from warmpool.dialects.jsonfields import JSON, parse_arguments
 from warmpool.dialects.jsonfields import as_object as _object
 from warmpool.dialects.jsonfields import get as _get
 from warmpool.dialects.jsonfields import object_at as _object_at
@@ -339,23 +339,10 @@ def _text(value: Any) -> str:
 
 
 def _ollama_tool_call(name: str, arguments: Any, call_id: Any = None) -> JSON:
-    out: JSON = {"function": {"name": name, "arguments": _parse_arguments(arguments)}}
+    out: JSON = {"function": {"name": name, "arguments": parse_arguments(arguments)}}
     if isinstance(call_id, str) and call_id:
         out["id"] = call_id
     return out
-
-
-def _parse_arguments(arguments: Any) -> JSON:
-    if isinstance(arguments, dict):
-        return arguments
-    if not isinstance(arguments, str) or not arguments.strip():
-        return {}
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        parsed = None
-    # Ollama requires an object; keep malformed model output visible rather than dropping it
-    return parsed if isinstance(parsed, dict) else {"arguments": arguments}
 
 
 def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_duration_ns: int) -> JSON:
@@ -498,6 +485,10 @@ class OllamaStreamTranslator:
         out = self._line(pending.removesuffix(b"\r")) if pending else []
         out += self._line(b"")
         return out if self.done else out + self._complete()
+
+    def fail(self, status: int, message: str) -> list[bytes]:
+        """End the stream with a final {"error"} line, as Ollama does mid-stream."""
+        return [] if self.done else self._fail(message)
 
     # --- SSE framing
 
