@@ -1019,7 +1019,7 @@ class OllamaEmulator:
             gen.with_calls(tool_calls_for(tools, messages, native=True))
             message_id = f"msg_{random.getrandbits(96):024x}"
             if body.get("stream") is True:
-                return await self._events(request, self._anthropic_events(gen, message_id))
+                return await self._named_events(request, self._anthropic_events(gen, message_id))
             async for _ in self._decode(gen.tokens):
                 pass
             return json_response({
@@ -1059,7 +1059,7 @@ class OllamaEmulator:
         yield "message_stop", {"type": "message_stop"}
 
     @staticmethod
-    async def _events(request: web.Request, events: AsyncIterator[tuple[str, Json]]) -> web.StreamResponse:
+    async def _named_events(request: web.Request, events: AsyncIterator[tuple[str, Json]]) -> web.StreamResponse:
         """Named SSE events (`event:` and `data:` lines), each written and flushed at once."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
