@@ -184,7 +184,8 @@ async def chat_answer(stack: Stack, model: str, stream: bool, call: Call) -> str
     messages: list[Any] = [
         {"role": "user", "content": QUESTION},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}]},
         {"role": "tool", "tool_call_id": call.id, "content": RESULT}]
     client = stack.openai()
     if stream:
@@ -292,12 +293,14 @@ async def test_tool_call_round_trip(stack: Stack, client: str, upstream: str, st
 async def send_image(stack: Stack, client: str, model: str) -> str:
     """Ask about PNG in the client's own form; the answer's text."""
     if client == "ollama":
-        answer = await stack.ollama().chat(model, messages=[{"role": "user", "content": "What is it?", "images": [PNG]}])
+        question = {"role": "user", "content": "What is it?", "images": [PNG]}
+        answer = await stack.ollama().chat(model, messages=[question])
         return answer.message.content or ""
     if client == "openai-chat":
         content = [{"type": "text", "text": "What is it?"},
                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]
-        chat = await stack.openai().chat.completions.create(model=model, messages=[{"role": "user", "content": content}])
+        chat = await stack.openai().chat.completions.create(model=model,
+                                                            messages=[{"role": "user", "content": content}])
         return chat.choices[0].message.content or ""
     if client == "anthropic":
         blocks = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
@@ -336,10 +339,7 @@ async def test_image_reaches_the_upstream_byte_for_byte(stack: Stack, client: st
 async def test_what_a_model_cannot_do_is_the_upstreams_400_in_the_clients_dialect(
         stack: Stack, client: str, model: str) -> None:
     expected = "does not support tools" if model == "notools" else "missing data required for image input"
-    if model == "notools":
-        call = ASK[client](stack, model, False)
-    else:
-        call = send_image(stack, client, model)
+    call = ASK[client](stack, model, False) if model == "notools" else send_image(stack, client, model)
     errors: tuple[type[BaseException], ...] = (ollama.ResponseError, openai.BadRequestError, anthropic.BadRequestError)
     with pytest.raises(errors) as info:
         await call
@@ -476,7 +476,8 @@ async def test_json_schema_reaches_ollama_as_its_format(stack: Stack) -> None:
     await stack.openai().responses.create(model="tooled", input="Age?", text={
         "format": {"type": "json_schema", "name": "person", "schema": schema}})
     assert stack.last()["body"]["format"] == schema
-    await stack.anthropic().messages.create(model="tooled", max_tokens=8, messages=[{"role": "user", "content": "Age?"}],
+    await stack.anthropic().messages.create(model="tooled", max_tokens=8,
+                                            messages=[{"role": "user", "content": "Age?"}],
                                             output_config={"format": {"type": "json_schema", "schema": schema}})
     assert stack.last()["body"]["format"] == schema
     await stack.openai().chat.completions.create(model="tooled", messages=[{"role": "user", "content": "Age?"}],
