@@ -264,7 +264,8 @@ class _Envelope:
 
 
 def _usage(prompt: int, completion: int) -> JSON:
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": completion,
+    details = {"cached_tokens": 0, "cache_write_tokens": 0}
+    return {"input_tokens": prompt, "input_tokens_details": details, "output_tokens": completion,
             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + completion}
 
 
@@ -396,9 +397,7 @@ class ResponsesStreamTranslator:
     def _add(self, key: tuple[str, int], item: JSON) -> list[bytes]:
         out = self._close()
         self._open, self._open_key = item, key
-        added = dict(item)
-        if item["type"] == "reasoning":
-            added["content"] = []
+        added = {**item, "content": []} if item["type"] in ("message", "reasoning") else dict(item)
         out.append(self._event("response.output_item.added", {"output_index": len(self._output), "item": added}))
         if item["type"] == "message":
             out.append(self._event("response.content_part.added", {**self._at(), "content_index": 0,
@@ -412,9 +411,10 @@ class ResponsesStreamTranslator:
     def _text_delta(self, key: tuple[str, int], text: str) -> list[bytes]:
         out: list[bytes] = []
         if self._open_key != key:
-            fresh = _reasoning_item(_id("rs"), "") if key[0] == "reasoning" else _message_item(_id("msg"), "", "")
-            if key[0] == "message":
-                fresh["content"] = [_text_part("")]
+            if key[0] == "reasoning":
+                fresh = _reasoning_item(_id("rs"), "")
+            else:
+                fresh = {**_message_item(_id("msg"), "", "in_progress"), "content": [_text_part("")]}
             out += self._add(key, fresh)
         assert self._open is not None
         self._open["content"][0]["text"] += text
