@@ -483,3 +483,32 @@ async def test_json_schema_reaches_ollama_as_its_format(stack: Stack) -> None:
     await stack.openai().chat.completions.create(model="tooled", messages=[{"role": "user", "content": "Age?"}],
                                                  response_format={"type": "json_object"})
     assert stack.last()["body"]["format"] == "json"
+
+
+# -- an upstream that dies mid-stream ------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+async def test_upstream_dying_mid_stream_ends_each_stream_with_its_dialects_error(make_stack: MakeStack) -> None:
+    stack = await make_stack()
+    stack.emu.token_delay = 0.5
+    question = [{"role": "user", "content": "Hi"}]
+    requests = [  # Ollama's own /v1/messages passed through, the translated one, and a Responses stream
+        ("/v1/messages", {"model": "plain", "max_tokens": 50, "stream": True, "messages": question}),
+        ("/v1/messages", {"model": "tooled", "max_tokens": 50, "stream": True, "messages": question}),
+        ("/v1/responses", {"model": "tooled", "input": "Hi", "stream": True}),
+    ]
+    async with aiohttp.ClientSession() as http:
+        responses = [await http.post(stack.url + path, json=body) for path, body in requests]
+        for response in responses:  # every stream has started
+            assert response.status == 200 and (await response.content.readline()).startswith(b"event: ")
+        await stack.emu.stop()
+        bodies = [(await response.read()).decode() for response in responses]
+    for (path, _), body in zip(requests, bodies, strict=True):
+        events = [line[len("event: "):] for line in body.splitlines() if line.startswith("event: ")]
+        last_data = json.loads([line for line in body.splitlines() if line.startswith("data: ")][-1][6:])
+        if path == "/v1/messages":
+            assert events[-1] == "error" and "message_stop" not in events
+            assert last_data["type"] == "error" and "'ollama'" in last_data["error"]["message"]
+        else:
+            assert events[-2:] == ["error", "response.failed"] and "response.completed" not in events
+            assert last_data["response"]["status"] == "failed"
