@@ -217,6 +217,8 @@ def test_stream_events_validate_and_accumulate_to_the_message(data: bytes, whole
     (sse(chunk({"content": "a"}), {"error": {"message": "kv cache full", "type": "server_error"}}), "kv cache full"),
     (sse(chunk({"content": "a"}), done=False), "closed the stream before the answer was complete"),
     (b"data: {not json\n\n", "malformed stream event"),
+    (sse(*llama_tool_fragments("f", "{"), chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "g"}}]}),
+         *llama_tool_fragments("f", "}")), "interleaved the arguments of parallel tool calls"),
 ])
 def test_upstream_failures_end_the_stream_with_an_error_event_the_sdk_raises(data: bytes, message: str) -> None:
     events = run(anth.AnthropicStreamTranslator("coder"), data, whole)

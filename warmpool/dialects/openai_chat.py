@@ -178,6 +178,11 @@ class ChatStreamReader:
             call_id = text_of(fragment.get("id")) or f"call_{index}"
             self._calls[index] = ToolCall(call_id, text_of(function.get("name")))
             out.append(ToolStart(index, call_id, self._calls[index].name))
+        elif text and index != max(self._calls):
+            # Anthropic and Responses streams close a call before the next one opens; no upstream warmpool
+            # knows interleaves parallel calls, and one that does is refused rather than garbled
+            return self._fail("upstream interleaved the arguments of parallel tool calls, which cannot be "
+                              "streamed in this dialect; ask without stream", 502)
         if text:
             self._calls[index].arguments += text
             out.append(ToolArguments(index, text))

@@ -423,8 +423,8 @@ class ResponsesStreamTranslator:
         return [*out, self._event(kind, {**self._at(), "content_index": 0, "delta": text, **extra})]
 
     def _arguments_delta(self, part: chat.ToolArguments) -> list[bytes]:
-        if self._open_key != ("function_call", part.index):
-            return []  # fragments of a call whose item was closed cannot be placed any more
+        if self._open_key != ("function_call", part.index):  # the reader refuses interleaved calls
+            return self.fail(502, "upstream sent tool-call arguments for a call that was already closed")
         assert self._open is not None
         self._calls[part.index].arguments += part.fragment
         self._open["arguments"] += part.fragment
