@@ -288,6 +288,8 @@ def test_count_tokens_text_and_estimate() -> None:
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "cold"}]}]}
     text = anth.count_tokens_text(body)
     assert text.split("\n")[:4] == ["Sys.", "Hello", 'f{"city": "Oslo"}', "cold"] and '"name": "f"' in text
+    server_tool = {**body, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    assert "web_search_20250305" in anth.count_tokens_text(server_tool)  # counted, not refused
     assert anth.estimate_tokens("abcdefghi") == 3 and anth.estimate_tokens("") == 0
 
 

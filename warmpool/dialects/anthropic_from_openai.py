@@ -426,8 +426,8 @@ def count_tokens_text(body: JSON) -> str:
         else:
             pieces += [p["text"] for p in content or [] if p.get("type") == "text"]
         pieces += [c["function"]["name"] + c["function"]["arguments"] for c in message.get("tool_calls", [])]
-    tools = _tools(body).get("tools")
-    if tools:
+    tools = body.get("tools")
+    if tools:  # as sent: a server tool is counted too, though /v1/messages would refuse it
         pieces.append(json.dumps(tools, ensure_ascii=False))
     return "\n".join(p for p in pieces if p)
 
