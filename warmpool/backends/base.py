@@ -181,6 +181,25 @@ class Backend:
         the upstream keeps no catalog of its own."""
         return None
 
+    # What the upstream's OpenAI chat endpoint accepts: `response_format` of type json_schema, and an
+    # assistant message whose content is null (one that only calls tools). Where not, warmpool rewrites both
+    # to the forms it does accept.
+    accepts_json_schema_format = True
+    accepts_null_content = True
+    # The path of the upstream's tokenizer (llama-cpp-python's /extras/tokenize/count, llama-server's
+    # /tokenize), for /v1/messages/count_tokens; None where it has none reachable.
+    tokenize_path: str | None = None
+
+    def serves_natively(self, path: str) -> bool:
+        """Whether the upstream serves a client endpoint warmpool would otherwise translate (Ollama ≥ 0.14 has
+        /v1/messages), as far as warmpool has learned; answering False is always safe."""
+        return False
+
+    def reads_images(self, model: ModelConfig) -> bool | None:
+        """Whether `model` can take images: True, False, or None when warmpool cannot tell (the upstream then
+        answers for itself)."""
+        return None
+
     def idle(self) -> None:
         """Called by the scheduler when none of this backend's models has a request running (the last
         one ended, or a swap ended with nobody waiting): a moment for background work that would slow a

@@ -25,7 +25,7 @@ from warmpool.http import auth
 from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
-from warmpool.proxy import feedback, listings, relay, routing
+from warmpool.proxy import feedback, listings, relay, routing, tokens, translate
 from warmpool.proxy.rawbody import plain_utf8, upstream_body
 from warmpool.scheduling.pool import Lease, Scheduler
 
@@ -123,6 +123,8 @@ class Proxy:
         backend = self.backends[ex.model.backend]
         if path in routing.MODEL_ADMIN:
             return await self._model_admin(ex, backend)
+        if path == routing.COUNT_TOKENS:
+            return await self._count_tokens(ex, backend)
         return await self._inference(ex, backend)
 
     async def _model_admin(self, ex: Exchange, backend: Backend) -> None:
@@ -133,6 +135,11 @@ class Proxy:
         body = {**ex.body, routing.model_field(ex.request.path): ex.model.upstream_name}
         body.pop("name", None)
         return await self._forward(ex, backend, ex.request.path, body, transform=None)
+
+    async def _count_tokens(self, ex: Exchange, backend: Backend) -> None:
+        assert ex.model is not None
+        counted, ex.queue_wait = await tokens.count_tokens(ex.body, ex.model, backend, self.scheduler)
+        await ex.answer(Answer.json(counted))
 
     async def _inference(self, ex: Exchange, backend: Backend) -> None:
         assert ex.model is not None
@@ -196,8 +203,11 @@ class Proxy:
     def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
         assert ex.model is not None
         path = ex.request.path
+        if path in routing.TRANSLATED:
+            return translate.translated_request(path, ex.body, ex.model, backend)
         if ex.dialect == "ollama" and backend.speaks == "openai":
             upstream_path, body = ollama_from_openai.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
+            body = translate.fit_openai_body(backend, ex.model, upstream_path, body)
             return upstream_path, body, OllamaFromOpenAI(path, ex.model.name, ex.body)
         options = ex.model.ollama.options if ex.model.ollama is not None else {}
         if ex.dialect == "openai" and backend.speaks == "ollama" and options:
@@ -206,13 +216,15 @@ class Proxy:
                 path, ex.body, ex.model.upstream_name, options, backend.lease_seconds(ex.model))
             return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
         body = backend.rewrite_body(ex.model, path, ex.body)
+        if backend.speaks == "openai":
+            body = translate.fit_openai_body(backend, ex.model, path, body)
         return path, body, None
 
     async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
                        transform: Transform | None) -> None:
         upstream = await ex.send(backend, path, body)
         await relay.relay(ex.reply, upstream, backend.name, ex.tags(), transform,
-                          on_first_byte=self._first_byte_observer(ex))
+                          on_first_byte=self._first_byte_observer(ex), error_dialect=ex.dialect)
 
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
         def observe() -> None:
