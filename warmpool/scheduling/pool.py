@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -159,6 +160,21 @@ class Pool:
             self.models[model].inflight += 1
             return True
         return False
+
+    def set_keep_alive(self, model: str, seconds: float | None) -> None:
+        """A client's keep_alive, as Ollama takes it: the model's idle expiry from now until it is next
+        loaded (a load starts from the configured one); None (not sent) leaves it; infinite: no expiry.
+        Set while the request holds its lease: the release re-plans."""
+        if seconds is not None:
+            self.models[model].keep_alive = None if math.isinf(seconds) else seconds
+
+    def idle_expiry(self, model: str) -> float | None:
+        """When (on `clock`) warmpool unloads `model` if it stays idle: its keep_alive after its last use;
+        None when it stays while in budget (no keep_alive, or pinned)."""
+        state = self.models[model]
+        if state.pinned or state.keep_alive is None:
+            return None
+        return max(state.last_used, state.loaded_at) + state.keep_alive
 
     def available(self, model: str) -> bool:
         """Whether a lease on `model` would be granted without waiting."""
