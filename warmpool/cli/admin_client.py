@@ -24,7 +24,8 @@ class ClientError(Exception):
 def find_url(explicit: str | None, config: str | None, env: Mapping[str, str] = os.environ) -> str:
     """--url, then $WARMPOOL_URL, then the config's `listen`, then the default address."""
     if explicit or env.get("WARMPOOL_URL"):
-        return (explicit or env["WARMPOOL_URL"]).rstrip("/")
+        given = (explicit or env["WARMPOOL_URL"]).strip().rstrip("/")
+        return given if "://" in given else f"http://{given}"  # "127.0.0.1:11435" means plain HTTP
     path = discover_config_path(config, env)
     if path is None:
         return DEFAULT_URL
@@ -42,9 +43,18 @@ def call(method: str, url: str, admin_key: str | None, timeout: float = 660.0) -
         raise ClientError(f"cannot reach warmpool at {url}: {exc}") from None
     data = _json_or_text(response)
     if response.status_code >= 400:
-        message = data.get("error") if isinstance(data, dict) else data
-        raise ClientError(f"{method} {url}: {response.status_code} {message}")
+        raise ClientError(_error_line(method, url, response.status_code, data))
     return data
+
+
+def _error_line(method: str, url: str, status: int, data: Any) -> str:
+    """An error answer as one line: its message alone when it has one ("model 'x' not found")."""
+    message = data.get("error") if isinstance(data, dict) else data
+    if isinstance(message, dict):  # the OpenAI shape
+        message = message.get("message")
+    if isinstance(message, str) and message:
+        return message.splitlines()[0]
+    return f"{method} {url}: HTTP {status}"
 
 
 def _json_or_text(response: httpx.Response) -> Any:
@@ -101,7 +111,8 @@ def render_action(command: str, data: dict[str, Any]) -> str:
         return f"{data['model']}: resident ({data['seconds']:.3f} s)"
     if command == "unload":
         return f"{data['model']}: unloaded" if data["was_loaded"] else f"{data['model']}: was not loaded"
-    return f"{data['model']}: dropped {_size(data['bytes_dropped'])}, {_percent(data['percent_in_ram'])} in RAM"
+    line = f"{data['model']}: dropped {_size(data['bytes_dropped'])}, {_percent(data['percent_in_ram'])} in RAM"
+    return f"{line} (kept: {data['kept']})" if data.get("kept") else line
 
 
 def warm_with_progress(url: str, admin_key: str | None, show_bar: bool) -> str:
@@ -111,7 +122,7 @@ def warm_with_progress(url: str, admin_key: str | None, show_bar: bool) -> str:
         with httpx.stream("POST", url + "?progress=1", headers=headers, timeout=None) as response:
             if response.status_code >= 400:
                 response.read()
-                raise ClientError(f"POST {url}: {response.status_code} {_json_or_text(response)}")
+                raise ClientError(_error_line("POST", url, response.status_code, _json_or_text(response)))
             last = _follow_progress(response.iter_lines(), show_bar)
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach warmpool at {url}: {exc}") from None

@@ -34,7 +34,7 @@ from warmpool.errors import (
     WarmpoolError,
 )
 from warmpool.metrics import Metrics
-from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan
+from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan, victims_for
 from warmpool.scheduling.swaps import SwapRecord, SwapSteps
 
 log = logging.getLogger("warmpool.scheduler")
@@ -188,7 +188,24 @@ class Pool:
             return f"loading {model}{source}"
         if self.swap_task is not None:
             return f"waiting for a swap to {self.swap_target or 'free room'} before loading {model}"
-        return f"queued for {model}"
+        return self._blocked_by(model) or f"queued for {model}"
+
+    def _blocked_by(self, model: str) -> str | None:
+        """Why no swap to `model` starts yet: a victim still serving requests, or one inside its
+        min_residency (until then, or until the oldest waiter's max_wait, whichever comes first)."""
+        now, view = self.clock(), self.view()
+        victims = victims_for(view, model) or []
+        busy = [v for v in victims if v.inflight]
+        if busy:
+            v = busy[0]
+            return f"waiting for {v.name}'s {v.inflight} running request{'s' if v.inflight > 1 else ''} to finish"
+        young = [v for v in victims if now - v.loaded_at < v.min_residency]
+        if not young:
+            return None
+        v = max(young, key=lambda m: m.loaded_at + m.min_residency)
+        oldest = min((w.since for w in view.waiters), default=now)
+        left = min(v.loaded_at + v.min_residency, oldest + view.max_wait) - now
+        return f"waiting for {v.name}'s min_residency, {max(0.0, left):.0f} s left"
 
     def _release(self, model: str) -> None:
         state = self.models[model]
