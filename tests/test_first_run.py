@@ -237,3 +237,20 @@ def test_make_says_which_debian_packages_it_installs_before_it_does(tmp_path: Pa
     skipped = subprocess.run([make, "-s", "system-deps", "SHELL=/bin/sh", "SYSTEM_DEPS=no"], cwd=REPO,
                              capture_output=True, text=True, timeout=60, env={"PATH": str(tmp_path)})
     assert skipped.stdout == "" and len(log.read_text().splitlines()) == 2
+
+
+async def test_status_shows_the_phase_map_and_backend_health(emu: OllamaEmulator) -> None:
+    raw = {**readme_config(emu.url), "preload": [], "default_phase": "context"}
+    raw["backends"]["far"] = {"kind": "openai", "url": "http://127.0.0.1:9"}
+    raw["models"]["remote"] = {"backend": "far"}
+    async with running_warmpool(raw) as url:
+        code, out, _ = await cli("status", "--url", url)
+        assert code == 0
+        assert re.search(r"^gpu\s+ollama\s+http://127\.0\.0\.1:\d+\s+up$", out, re.M), out
+        assert re.search(r"^far\s+openai\s+http://127\.0\.0\.1:9\s+DOWN$", out, re.M), out
+        assert re.search(r"^context\s+planner\s+default$", out, re.M) and re.search(r"^execution\s+coder$", out, re.M)
+        code, out, _ = await cli("status", "--url", url, "--json")
+    data = json.loads(out)
+    assert data["phases"] == {"context": "planner", "execution": "coder", "verification": "planner"}
+    assert data["default_phase"] == "context"
+    assert {b["name"]: b["healthy"] for b in data["backends"]} == {"gpu": True, "far": False}

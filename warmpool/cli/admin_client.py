@@ -72,10 +72,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    parts = []
-    for pool in status["pools"]:
-        parts.append(_render_pool(pool))
+    parts = [_render_pool(pool) for pool in status["pools"]]
+    if "backends" in status:
+        parts.append("backends:\n" + table(["BACKEND", "KIND", "URL", "HEALTH"], [
+            [b["name"], b["kind"], b["url"] or "managed", "up" if b["healthy"] else "DOWN"]
+            for b in status["backends"]]))
+    if status.get("phases"):
+        default = status.get("default_phase")
+        parts.append("phases:\n" + table(["PHASE", "MODEL", ""], [
+            [phase, model, "default" if phase == default else ""] for phase, model in status["phases"].items()]))
+    if (ram := status.get("ram_tier") or {}).get("enabled"):
+        parts.append(_render_ram(ram))
     return "\n\n".join(parts)
+
+
+def _render_ram(ram: dict[str, Any]) -> str:
+    memory = ram.get("memory") or {}
+    return (f"RAM tier ({ram.get('strategy')}): weights warm {_size(ram.get('tracked_resident_bytes'))} of a "
+            f"{_size(ram.get('budget_bytes'))} budget; host memory available {_size(memory.get('available'))} "
+            f"of {_size(memory.get('total'))} (reserve {_size(ram.get('reserve_bytes'))})")
 
 
 def _render_pool(pool: dict[str, Any]) -> str:
