@@ -9,6 +9,7 @@ name split across two reads is still found. Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -45,11 +46,7 @@ class Renamer:
     __slots__ = ("_marker", "_new", "_pattern", "_pending")
 
     def __init__(self, old: str, new: str) -> None:
-        spelled = json.dumps(old, ensure_ascii=False).encode()
-        self._marker = spelled  # a cheap test before the regex: most chunks of a long answer lack it
-        # Any spacing around the colon: Ollama writes "model":"x", llama-cpp-python "model": "x".
-        self._pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(spelled))
-        self._new = json.dumps(new, ensure_ascii=False).encode()
+        self._marker, self._pattern, self._new = _compiled(old, new)  # the same few names on every request
         self._pending = b""
 
     def whole(self, body: bytes) -> bytes:
@@ -71,6 +68,15 @@ class Renamer:
         """What is left at the end of the body (a last line without its newline)."""
         rest, self._pending = self._pending, b""
         return self.whole(rest)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(old: str, new: str) -> tuple[bytes, re.Pattern[bytes], bytes]:
+    spelled = json.dumps(old, ensure_ascii=False).encode()
+    # `spelled` is a cheap test before the regex (most chunks of a long answer lack it); any spacing
+    # around the colon: Ollama writes "model":"x", llama-cpp-python "model": "x".
+    pattern = re.compile(rb'("model"\s*:\s*)' + re.escape(spelled))
+    return spelled, pattern, json.dumps(new, ensure_ascii=False).encode()
 
 
 def renamer_for(sent_upstream: str, echo: str) -> Renamer | None:
