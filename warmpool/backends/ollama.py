@@ -49,6 +49,7 @@ class OllamaBackend(Backend):
         super().__init__(config, app_config)
         self.disk_sizes: dict[str, int] = {}  # filled from /api/tags once the server answers
         self.capabilities: dict[str, frozenset[str]] = {}  # configured name -> what /api/show says
+        self.silent: set[str] = set()  # models /api/show answered for without `capabilities` (Ollama < 0.6.4)
         self.last_request_embeds: dict[str, bool] = {}  # configured name -> its latest request was an embedding
 
     def base_url(self, model: ModelConfig | None) -> str:
@@ -101,7 +102,7 @@ class OllamaBackend(Backend):
         """What /api/show says `model` can do (asked once, then remembered); None where it does not say:
         an Ollama older than 0.6.4, a model not pulled yet, a server that does not answer."""
         known = self.capabilities.get(model.name)
-        if known is not None:
+        if known is not None or model.name in self.silent:
             return known
         try:
             shown = await self._post("/api/show", {"model": model.upstream_name})
@@ -110,6 +111,7 @@ class OllamaBackend(Backend):
             return None
         listed = shown.get("capabilities") if isinstance(shown, dict) else None
         if not isinstance(listed, list):
+            self.silent.add(model.name)  # it will not say later either: do not ask before every load
             return None
         self.capabilities[model.name] = frozenset(str(c) for c in listed)
         return self.capabilities[model.name]
