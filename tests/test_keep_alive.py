@@ -204,3 +204,19 @@ async def test_ollama_never_unloads_a_model_the_client_asked_to_keep(emu: Ollama
 
 def normalized(name: str) -> str:
     return name if ":" in name else f"{name}:latest"
+
+
+async def test_a_client_keep_alive_longer_than_the_lease_still_ends(emu: OllamaEmulator) -> None:
+    """The coder's lease upstream is 3 s, the client asks for 7 s: warmpool re-arms Ollama past 3 s, and
+    then unloads the model itself once it idled 7 s (re-arming is not a use: it does not restart the
+    idle time)."""
+    async with running_warmpool(config(emu, keep_alive="3s")) as url:
+        client = ollama.AsyncClient(host=url)
+        await client.generate(CODER, "hi", keep_alive="7s")
+        done = time.monotonic()
+        await asyncio.sleep(4.5)
+        assert normalized(UPSTREAM[CODER]) in emu.loaded()  # past Ollama's 3 s lease: re-armed
+        await eventually(lambda: emu.loaded() == {}, timeout=15)
+        idle = time.monotonic() - done
+        assert 6.5 < idle < 12, idle
+        assert [e["reason"] for e in emu.events if e["event"] == "unload"] == ["unload request"]  # warmpool's

@@ -70,11 +70,12 @@ class Lease:
     asynccontextmanager: every proxied request takes one, and the generator form costs several times more.
     """
 
-    __slots__ = ("held", "model", "pool", "waited")
+    __slots__ = ("held", "model", "pool", "use", "waited")
 
-    def __init__(self, pool: Pool, model: str) -> None:
+    def __init__(self, pool: Pool, model: str, use: bool = True) -> None:
         self.pool = pool
         self.model = model
+        self.use = use  # whether it counts as a use of the model (its idle clock, the RAM tier's counts)
         self.held = False
         self.waited = 0.0  # seconds spent in the queue
 
@@ -99,7 +100,7 @@ class Lease:
         """Give the lease back (once; later calls do nothing)."""
         if self.held:
             self.held = False
-            self.pool._release(self.model)
+            self.pool._release(self.model, self.use)
 
     async def __aenter__(self) -> Lease:
         if not self.try_now():
@@ -149,9 +150,10 @@ class Pool:
 
     # -- leases -------------------------------------------------------------------------------------
 
-    def lease(self, model: str) -> Lease:
-        """A lease on `model`, not yet taken: see `Lease`."""
-        return Lease(self, model)
+    def lease(self, model: str, *, use: bool = True) -> Lease:
+        """A lease on `model`, not yet taken: see `Lease`. With `use=False` (warmpool re-arming Ollama's
+        keep_alive) its release neither restarts the model's idle time nor counts as a use."""
+        return Lease(self, model, use)
 
     def _admit_now(self, model: str) -> bool:
         if self.closed:
@@ -207,11 +209,12 @@ class Pool:
         left = min(v.loaded_at + v.min_residency, oldest + view.max_wait) - now
         return f"waiting for {v.name}'s min_residency, {max(0.0, left):.0f} s left"
 
-    def _release(self, model: str) -> None:
+    def _release(self, model: str, use: bool = True) -> None:
         state = self.models[model]
         state.inflight -= 1
-        state.last_used = self.clock()
-        self.hooks.record_use(model)
+        if use:
+            state.last_used = self.clock()
+            self.hooks.record_use(model)
         # While the model stays busy and nobody waits, a new plan would decide what the last one did.
         if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()

@@ -77,8 +77,8 @@ async def _refresh(pool: Pool, backend: Backend, name: str, metrics: Metrics | N
     if pool.models[name].status != "resident" or name in pool.draining:
         return
     # Hold a lease while re-arming: a swap cannot unload the model under us, so this load request can
-    # never bring back a model that was just evicted.
-    async with pool.lease(name):
+    # never bring back a model that was just evicted. Not a use: the model's idle time goes on.
+    async with pool.lease(name, use=False):
         try:
             await backend.load(backend.models[name])
             result = "ok"
