@@ -26,11 +26,16 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check warmpool tests benchmarks
 	$(BIN)/mypy
 
+# Says what it installs, and why, before it does; apt's own output shows (`make test SYSTEM_DEPS=no` skips this).
+SYSTEM_DEPS ?= yes
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@[ "$(SYSTEM_DEPS)" = yes ] || exit 0; \
+	missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+			echo "system-deps: installing Debian packages:$$missing (apt-get install; the status page, dashboard"; \
+			echo "system-deps: and HTTPS upstream tests drive them; make test SYSTEM_DEPS=no skips this step)"; \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 		else echo "note: install$$missing (Debian packages) to run every test; without them those tests skip"; fi; \
 	fi
 

@@ -95,6 +95,11 @@ def normalize(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'0.6.4' -> (0, 6, 4); a pre-release suffix ('0.33.0-rc2') is ignored."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0])[:3])
+
+
 def go_quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)  # close enough to strconv.Quote for these messages
 
@@ -524,10 +529,6 @@ ANTHROPIC_SINCE = (0, 14)  # /v1/messages appeared in Ollama v0.14 (research/ups
 NO_VISION = "this model is missing data required for image input"  # model/model.go ErrNoVisionModel
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", version.split("-")[0])) or (0,)
-
-
 def capabilities(model: EmulatedModel) -> list[str]:
     """/api/show's capabilities: what the model's template and weights can do."""
     if model.embedding:
@@ -668,9 +669,10 @@ class OllamaEmulator:
     def __init__(self, models: list[EmulatedModel], *, load_seconds_per_gb: float = 0.2,
                  token_delay: float = 0.005, max_loaded: int = 3, max_queue: int = 512,
                  default_keep_alive: float = 300.0, host_check: bool = True, version: str = "0.32.15",
-                 models_dir: str = "/root/.ollama/models") -> None:
+                 models_dir: str = "/root/.ollama/models", gpu: bool = False) -> None:
         self.token_delay, self.host_check, self.version, self.models_dir = (
             token_delay, host_check, version, models_dir)
+        self.gpu = gpu  # every runner fully on a GPU (size_vram == size), else CPU-only (size_vram 0)
         self.scheduler = Scheduler(self._record, load_seconds_per_gb=load_seconds_per_gb,
                                    max_loaded=max_loaded, max_queue=max_queue,
                                    default_keep_alive=default_keep_alive)
@@ -854,12 +856,13 @@ class OllamaEmulator:
         runners = sorted(self.scheduler.runners.values(), key=lambda r: -r.expires_at)
         return json_response({"models": [self._ps_entry(r) for r in runners]})
 
-    @staticmethod
-    def _ps_entry(runner: Runner) -> Json:
-        model = runner.model  # §1.7: size = runner footprint (here the file size); CPU-only => size_vram 0
+    def _ps_entry(self, runner: Runner) -> Json:
+        # §1.7: size = runner footprint (here the file size); size_vram = its part on the GPU: all of it
+        # with a GPU that fits it (the CLI's "100% GPU"), 0 on a CPU-only server ("100% CPU").
+        model = runner.model
         return {"name": model.name, "model": model.name, "size": model.size, "digest": model.digest,
-                "details": model.details(), "expires_at": rfc3339(runner.expires_at), "size_vram": 0,
-                "context_length": runner.options["num_ctx"]}
+                "details": model.details(), "expires_at": rfc3339(runner.expires_at),
+                "size_vram": model.size if self.gpu else 0, "context_length": runner.options["num_ctx"]}
 
     async def _show(self, request: web.Request) -> web.Response:
         model = self._model(await self._body(request), legacy=True)  # does not load (§1.3)
@@ -868,11 +871,15 @@ class OllamaEmulator:
                      'TEMPLATE "{{ .Prompt }}"\nPARAMETER stop "<|end|>"\n')
         info = {"general.architecture": model.family, "general.parameter_count": model.size * 2,
                 f"{model.family}.context_length": 32768, f"{model.family}.embedding_length": 8}
-        return json_response({
+        shown: Json = {
             "license": "", "modelfile": modelfile, "parameters": 'stop "<|end|>"',
             "template": "{{ .Prompt }}", "details": model.details(), "model_info": info,
-            "capabilities": capabilities(model),
-            "modified_at": rfc3339(model.modified_at)})
+            "modified_at": rfc3339(model.modified_at)}
+        # `capabilities` came with Ollama v0.6.4 (ollama/ollama#10066, "server: add capabilities to show"):
+        # an older server does not say what a model can do (server/images.go: completion, embedding, ...).
+        if version_tuple(self.version) >= (0, 6, 4):
+            shown["capabilities"] = capabilities(model)
+        return json_response(shown)
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)

@@ -517,3 +517,19 @@ async def test_upstream_dying_mid_stream_ends_each_stream_with_its_dialects_erro
         else:
             assert events[-2:] == ["error", "response.failed"] and "response.completed" not in events
             assert last_data["response"]["status"] == "failed"
+
+
+# -- the naming rule on the new endpoints --------------------------------------------------------------------
+
+@pytest.mark.parametrize("sent", ["tooled", "llama3.2", "remote", "phi3:mini", "plain", "qwen2.5:7b"])
+async def test_anthropic_and_responses_answers_name_the_model_the_client_sent(stack: Stack, sent: str) -> None:
+    """Translated (native API, OpenAI upstream) or passed through (Ollama's own /v1/messages): the answer
+    names the model as the client did, configured name or upstream name, streamed or not."""
+    message = await stack.anthropic().messages.create(
+        model=sent, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert message.model == sent
+    async with stack.anthropic().messages.stream(
+            model=sent, max_tokens=8, messages=[{"role": "user", "content": "hi"}]) as events:
+        assert (await events.get_final_message()).model == sent
+    response = await stack.openai().responses.create(model=sent, input="hi", max_output_tokens=16)
+    assert response.model == sent

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -18,6 +20,7 @@ from warmpool.admin.gauges import backend_gauges, ram_tier_metrics, scheduler_ga
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
 from warmpool.config import Config
+from warmpool.errors import ListenError
 from warmpool.http import aiohttp_fallback, server
 from warmpool.metrics import Metrics
 from warmpool.proxy import routing
@@ -37,6 +40,7 @@ METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
 RAMTIER = web.AppKey("ramtier", object)  # RamTier | None
 FRONT_DOOR = web.AppKey("front_door", server.Lane)
+PRELOAD = web.AppKey("preload", asyncio.Task)
 
 
 def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -87,7 +91,8 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     tier = app[RAMTIER]
     if isinstance(tier, RamTier):
         await tier.start()
-    tasks = [asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")]
+    app[PRELOAD] = asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")
+    tasks = [app[PRELOAD]]
     tasks += [
         asyncio.create_task(residency.watch(app[SCHEDULER].pools[name], b, app[METRICS]), name=f"watch:{name}")
         for name, b in backends.items() if b.expires_models
@@ -126,21 +131,41 @@ async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]
     door = app[FRONT_DOOR]
     door.fallback = runner.server
     server: asyncio.Server | None = None
+    announce: asyncio.Task[None] | None = None
     try:
-        server = await asyncio.get_running_loop().create_server(
-            door.protocol, cfg.listen_host, cfg.listen_port, reuse_address=True)
+        server = await _listen(door.protocol, cfg)
         url = _bound_url(server, cfg)
         log.info("warmpool listening on %s (config: %s)", url, cfg.source)
+        announce = asyncio.create_task(_announce_ready(app[PRELOAD]), name="announce-ready")
         if on_ready:
             on_ready(url)
         await (shutdown_trigger or _signal_trigger)()
         log.info("shutting down: no new requests; running streams get up to %g s", cfg.timeouts.shutdown)
     finally:
+        if announce is not None:
+            announce.cancel()
         if server is not None:
             server.close()
         door.close()
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _listen(protocol: Callable[[], asyncio.Protocol], cfg: Config) -> asyncio.Server:
+    try:
+        return await asyncio.get_running_loop().create_server(protocol, cfg.listen_host, cfg.listen_port,
+                                                              reuse_address=True)
+    except OSError as exc:  # the port is taken, or the address is not one of this host's
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        raise ListenError(f"cannot listen on {cfg.listen}: {reason} (set `listen` or --listen)") from None
+
+
+async def _announce_ready(preload_task: asyncio.Task[list[str]]) -> None:
+    """One "ready" line once the preload is done (a failing preload retries, so this may come late)."""
+    started = time.monotonic()
+    loaded = await asyncio.shield(preload_task)
+    what = f"preloaded {', '.join(loaded)}" if loaded else "nothing to preload"
+    log.info("warmpool ready: %s (%.1f s after listening)", what, time.monotonic() - started)
 
 
 def _bound_url(server: asyncio.Server, cfg: Config) -> str:

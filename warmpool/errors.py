@@ -2,6 +2,7 @@
 
     WarmpoolError                      500
     ├── ConfigError                    (startup / check-config; carries every problem with its key path)
+    ├── ListenError                    (startup: the listen address cannot be bound)
     ├── BadRequest                     400  malformed JSON, missing model, unknown phase, bad field
     ├── Unauthorized                   401  missing or wrong API / admin key
     ├── ModelNotFound                  404
@@ -84,6 +85,10 @@ class ConfigError(WarmpoolError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
         self.problems = list(problems)
+
+
+class ListenError(WarmpoolError):
+    """warmpool cannot listen where it was told to (the port is taken, the address is not this host's)."""
 
 
 class BadRequest(WarmpoolError):

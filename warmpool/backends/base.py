@@ -48,13 +48,15 @@ class LoadResult:
 
 @dataclass(slots=True)
 class ResidentModel:
-    """A model the backend reports as loaded."""
+    """A model the backend reports as loaded, with what /api/ps shows about it (Ollama's fields)."""
 
     name: str  # configured model name
-    size: int = 0
-    expires_at: str | None = None
+    size: int = 0  # bytes it occupies (Ollama: weights, KV cache and graph)
+    expires_at: str | None = None  # when the upstream would unload it on its own
     context_length: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # Ollama's `details` object
+    digest: str | None = None
+    size_vram: int = 0  # the part of `size` in GPU memory
 
 
 __all__ = ["Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream", "UpstreamBroken"]
@@ -162,6 +164,14 @@ class Backend:
     def size_hint(self, model: ModelConfig) -> int:
         """Bytes `model` is expected to occupy before it was ever loaded (0: unknown)."""
         return model.size or 0
+
+    def embedding_only(self, model: ModelConfig) -> bool:
+        """Whether `model` is known to serve embeddings only (a generate or chat request is refused)."""
+        return False
+
+    def note_request(self, model: ModelConfig, path: str) -> None:
+        """A request on `path` is about to use `model`: a hint at what the model is (an embedding request
+        for a model of unknown kind) for the load it may cause."""
 
     async def loaded_expiries(self) -> dict[str, float | None]:
         """Configured name -> when the upstream will unload it on its own (epoch seconds; None: never), for

@@ -287,11 +287,12 @@ class _Usage:
             self.prompt_tokens = _count(usage.get("prompt_tokens"), self.prompt_tokens)
             self.completion_tokens = _count(usage.get("completion_tokens"), self.completion_tokens)
 
-    def metrics(self, *, total_ns: int, prompt_ns: int, eval_ns: int, eval_count: int) -> JSON:
-        """Ollama's final-line metrics; the keyword values are fallbacks for what upstream didn't report."""
+    def metrics(self, *, total_ns: int, prompt_ns: int, eval_ns: int, eval_count: int, load_ns: int = 0) -> JSON:
+        """Ollama's final-line metrics; the keyword values are fallbacks for what upstream didn't report;
+        `load_ns` is the wait for the model, which Ollama counts as load_duration."""
         return {
             "total_duration": max(0, total_ns),
-            "load_duration": 0,
+            "load_duration": max(0, load_ns),
             "prompt_eval_count": _first(self.prompt_tokens, 0),
             "prompt_eval_duration": max(0, _first(self.prompt_ns, prompt_ns)),
             "eval_count": _first(self.completion_tokens, eval_count),
@@ -346,7 +347,8 @@ def _ollama_tool_call(name: str, arguments: Any, call_id: Any = None) -> JSON:
     return out
 
 
-def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_duration_ns: int) -> JSON:
+def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_duration_ns: int,
+                              load_duration_ns: int = 0) -> JSON:
     """A non-streamed chat.completion or text_completion as an Ollama chat/generate response."""
     choice = _first_choice(resp) or {}
     message = choice.get("message")
@@ -361,8 +363,9 @@ def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_durati
     usage = _Usage()
     usage.absorb(resp)
     # without upstream timings the whole wall time is the best guess for generation time
-    out.update(usage.metrics(total_ns=total_duration_ns, prompt_ns=0, eval_ns=total_duration_ns,
-                             eval_count=0))
+    out.update(usage.metrics(total_ns=total_duration_ns, prompt_ns=0,
+                             eval_ns=max(0, total_duration_ns - load_duration_ns), eval_count=0,
+                             load_ns=load_duration_ns))
     return out
 
 
@@ -371,7 +374,8 @@ def _ollama_tool_call_from_openai(call: JSON) -> JSON:
     return _ollama_tool_call(_text(function.get("name")), function.get("arguments"), call.get("id"))
 
 
-def openai_embeddings_to_ollama(path: str, model: str, resp: JSON, *, total_duration_ns: int) -> JSON:
+def openai_embeddings_to_ollama(path: str, model: str, resp: JSON, *, total_duration_ns: int,
+                                load_duration_ns: int = 0) -> JSON:
     """An OpenAI embeddings list as the /api/embed or legacy /api/embeddings response."""
     vectors = _embedding_vectors(resp)
     if path == "/api/embeddings":
@@ -381,7 +385,7 @@ def openai_embeddings_to_ollama(path: str, model: str, resp: JSON, *, total_dura
         "model": model,
         "embeddings": [_l2_normalize(v) for v in vectors],  # /api/embed always returns unit vectors
         "total_duration": total_duration_ns,
-        "load_duration": 0,
+        "load_duration": load_duration_ns,
         "prompt_eval_count": _first(_count(usage.get("prompt_tokens"), None), 0),
     }
 
@@ -443,7 +447,7 @@ class OllamaStreamTranslator:
     """
 
     def __init__(self, kind: str, model: str, *, clock: Callable[[], float] = time.monotonic,
-                 started: float | None = None) -> None:
+                 started: float | None = None, load_ns: int = 0) -> None:
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
         self.kind = kind
@@ -451,6 +455,7 @@ class OllamaStreamTranslator:
         self.done = False
         self._clock = clock
         self._started = clock() if started is None else started
+        self._load_ns = load_ns
         self._first_token_at: float | None = None
         self._sse = SSEDecoder()
         self._finish_reason: str | None = None
@@ -539,8 +544,8 @@ class OllamaStreamTranslator:
         if self.kind == "chat" and self._tools:
             out["message"]["tool_calls"] = self._tools.ollama()
         out.update(self._usage.metrics(total_ns=_ns(end - self._started),
-                                       prompt_ns=_ns(first - self._started),
-                                       eval_ns=_ns(end - first), eval_count=self._deltas))
+                                       prompt_ns=max(0, _ns(first - self._started) - self._load_ns),
+                                       eval_ns=_ns(end - first), eval_count=self._deltas, load_ns=self._load_ns))
         return out
 
     def _fail(self, message: str) -> list[bytes]:

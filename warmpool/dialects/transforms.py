@@ -45,21 +45,25 @@ class OllamaFromOpenAI:
         self.embedding = ollama_path in ("/api/embed", "/api/embeddings")
         self.stream = bool(ollama_body.get("stream", True)) and not self.embedding
         self.started = time.monotonic()
+        self.load_seconds = 0.0  # set by the proxy: the wait for the model (its load, when this caused one)
 
     def error_body(self, raw: bytes, status: int) -> bytes:
         return json.dumps(ollama_from_openai.openai_error_to_ollama(raw)).encode()
 
     def whole_body(self, raw: bytes) -> bytes:
         data = json.loads(raw)
-        ns = int((time.monotonic() - self.started) * 1e9)
+        ns, load_ns = int((time.monotonic() - self.started) * 1e9), int(self.load_seconds * 1e9)
         if self.embedding:
-            out = ollama_from_openai.openai_embeddings_to_ollama(self.path, self.model, data, total_duration_ns=ns)
+            out = ollama_from_openai.openai_embeddings_to_ollama(self.path, self.model, data, total_duration_ns=ns,
+                                                                 load_duration_ns=load_ns)
         else:
-            out = ollama_from_openai.openai_response_to_ollama(self.kind, self.model, data, total_duration_ns=ns)
+            out = ollama_from_openai.openai_response_to_ollama(self.kind, self.model, data, total_duration_ns=ns,
+                                                               load_duration_ns=load_ns)
         return json.dumps(out).encode()
 
     def streamer(self) -> Streamer:
-        return ollama_from_openai.OllamaStreamTranslator(self.kind, self.model, started=self.started)
+        return ollama_from_openai.OllamaStreamTranslator(self.kind, self.model, started=self.started,
+                                                         load_ns=int(self.load_seconds * 1e9))
 
 
 class OpenAIFromOllama:

@@ -14,6 +14,7 @@ from warmpool.dialects.sse import frame
 from warmpool.dialects.transforms import Streamer, Transform
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
 from warmpool.http.exchange import Headers, Reply
+from warmpool.proxy.naming import Renamer
 
 SKIP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "upgrade",
@@ -23,13 +24,15 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
 async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
-                transform: Transform | None, on_first_byte: Callable[[], None], error_dialect: str = "") -> None:
-    """Copy `upstream` to the client, with `tags` added to its headers; always releases the upstream
-    connection (closing it early cancels the upstream's work when the client went away). `error_dialect`
-    shapes an error inside a stream passed through as it came ("anthropic": an `error` event)."""
+                transform: Transform | None, on_first_byte: Callable[[], None], error_dialect: str = "",
+                rename: Renamer | None = None) -> None:
+    """Copy `upstream` to the client, with `tags` added to its headers and, with `rename`, the model name
+    the client sent in place of the upstream's; always releases the upstream connection (closing it
+    early cancels the upstream's work when the client went away). `error_dialect` shapes an error inside
+    a stream passed through as it came ("anthropic": an `error` event)."""
     try:
         if transform is None:
-            await _pass_through(reply, upstream, backend, tags, on_first_byte, error_dialect)
+            await _pass_through(reply, upstream, backend, tags, on_first_byte, error_dialect, rename)
         else:
             await _translated(reply, upstream, backend, tags, transform, on_first_byte)
     finally:
@@ -37,7 +40,7 @@ async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
 
 
 async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
-                        on_first_byte: Callable[[], None], error_dialect: str) -> None:
+                        on_first_byte: Callable[[], None], error_dialect: str, rename: Renamer | None) -> None:
     first = b""
     headers = passed_headers(upstream) + tags
     if upstream.content_length is not None:
@@ -49,21 +52,32 @@ async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: He
             # A body that is already all here (the usual non-streamed answer) goes out in one write with
             # its headers: one syscall and one wake-up of the client fewer. Nothing is held back: this is
             # only what one read returned.
-            await reply.whole(upstream.status, upstream.reason, headers, first)
+            await reply.whole(upstream.status, upstream.reason, headers, rename.whole(first) if rename else first)
             on_first_byte()
             return
-    await reply.start(upstream.status, upstream.reason, headers, upstream.content_length)
+    # A renamed body's length changes, so it cannot be announced before the body is all here.
+    await reply.start(upstream.status, upstream.reason, headers, None if rename else upstream.content_length)
     on_first_byte()
-    if first:
-        await reply.write(first)
-    await _copy_chunks(upstream, reply, backend, error_dialect)
+    await _copy_chunks(upstream, reply, backend, rename, first, error_dialect)
     await reply.end()
 
 
-async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str, error_dialect: str = "") -> None:
+async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str, rename: Renamer | None,
+                       first: bytes = b"", error_dialect: str = "") -> None:
     try:
-        while chunk := await upstream.readany():
-            await reply.write(chunk)
+        if rename is None:
+            if first:
+                await reply.write(first)
+            while chunk := await upstream.readany():
+                await reply.write(chunk)
+            return
+        chunk = first or await upstream.readany()
+        while chunk:
+            if out := rename.feed(chunk):
+                await reply.write(out)
+            chunk = await upstream.readany()
+        if rest := rename.finish():
+            await reply.write(rest)
     except (UpstreamBroken, TimeoutError) as exc:
         await _report_mid_stream(reply, upstream_failure(backend, exc), error_dialect)
 
@@ -134,7 +148,8 @@ def passed_headers(upstream: Upstream) -> Headers:
     return [(name, value) for name, value in upstream.headers if name.lower() not in SKIP_RESPONSE_HEADERS]
 
 
-async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: Transform | None) -> None:
+async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: Transform | None,
+                     rename: Renamer | None = None) -> None:
     """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
     longer be passed on, so a failure ends the stream with an error in its shape."""
     try:
@@ -143,7 +158,7 @@ async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: 
             reason = f"answered HTTP {upstream.status}: {raw[:500].decode(errors='replace')}"
             await _report_mid_stream(reply, BackendError(backend, reason))
         elif transform is None:
-            await _copy_chunks(upstream, reply, backend)
+            await _copy_chunks(upstream, reply, backend, rename)
         else:
             await _translate_chunks(upstream, reply, backend, transform.streamer())
         await reply.end()

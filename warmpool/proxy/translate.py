@@ -31,22 +31,24 @@ CHAT_PATH = "/v1/chat/completions"
 UpstreamRequest = tuple[str, dict[str, Any], Transform | None]
 
 
-def translated_request(path: str, body: dict[str, Any], model: ModelConfig, backend: Backend) -> UpstreamRequest:
-    """(upstream path, body, transform) for a request on one of `routing.TRANSLATED`."""
+def translated_request(path: str, body: dict[str, Any], model: ModelConfig, backend: Backend,
+                       echo: str) -> UpstreamRequest:
+    """(upstream path, body, transform) for a request on one of `routing.TRANSLATED`; answers name the
+    model `echo` (the name the client sent)."""
     options = model.ollama.options if model.ollama is not None else {}
     if backend.serves_natively(path) and not options:
         return path, backend.rewrite_body(model, path, body), None
     outer: Transform
     if path == routing.MESSAGES:
         chat = anthropic_from_openai.anthropic_request_to_openai(body, model.upstream_name)
-        outer = AnthropicFromOpenAI(model.name, body)
+        outer = AnthropicFromOpenAI(echo, body)
     else:
         chat = responses_from_openai.responses_request_to_openai(body, model.upstream_name)
-        outer = ResponsesFromOpenAI(model.name, body)
+        outer = ResponsesFromOpenAI(echo, body)
     if backend.speaks == "ollama":
         native_path, native = openai_from_ollama.openai_request_to_ollama(
             CHAT_PATH, chat, model.upstream_name, options, backend.lease_seconds(model))
-        return native_path, native, chained(outer, OpenAIFromOllama(CHAT_PATH, model.name, chat))
+        return native_path, native, chained(outer, OpenAIFromOllama(CHAT_PATH, echo, chat))
     return CHAT_PATH, fit_openai_body(backend, model, CHAT_PATH, chat), outer
 
 
