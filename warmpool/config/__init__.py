@@ -7,6 +7,7 @@ from warmpool.config.model import (
     AuthConfig,
     BackendConfig,
     BackendKind,
+    BalancerConfig,
     Config,
     LogConfig,
     MemoryAmount,
@@ -20,7 +21,7 @@ from warmpool.config.redact import redacted
 from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
-    "AuthConfig", "BackendConfig", "BackendKind", "Config", "LogConfig", "MemoryAmount", "ModelConfig",
-    "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig", "config_from_mapping",
+    "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "Config", "LogConfig", "MemoryAmount",
+    "ModelConfig", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig", "config_from_mapping",
     "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
 ]
