@@ -43,7 +43,9 @@ def test_weight_falls_in_steps_with_swap_share_and_queue(swap_share: float, queu
 def test_load_window_keeps_only_the_last_samples() -> None:
     window = LoadWindow(size=4)
     assert window.load() == HostLoad(0.0, 0.0)
-    for sample in [Sample(True, 8)] * 4 + [Sample(False, 0)] * 2:
+    window.add(Sample(True, 8))
+    assert window.load() == HostLoad(0.25, 2.0)  # the window's time before the first sample was idle
+    for sample in [Sample(True, 8)] * 3 + [Sample(False, 0)] * 2:
         window.add(sample)
     assert window.load() == HostLoad(0.5, 4.0)
     assert "swap_share=0.50" in repr(window)

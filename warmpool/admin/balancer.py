@@ -55,10 +55,10 @@ class LoadWindow:
         self.samples.append(sample)
 
     def load(self) -> HostLoad:
-        if not self.samples:
-            return HostLoad(0.0, 0.0)
-        n = len(self.samples)
-        return HostLoad(sum(s.swapping for s in self.samples) / n, sum(s.queued for s in self.samples) / n)
+        """Shares of the whole window: before the first samples the host was idle, so a swap in its first
+        seconds does not make a new host look as if it swapped all the time."""
+        size = self.samples.maxlen or 1
+        return HostLoad(sum(s.swapping for s in self.samples) / size, sum(s.queued for s in self.samples) / size)
 
 
 def weight_percent(load: HostLoad) -> int:
