@@ -8,8 +8,10 @@ benchmarks/phases.py's agents: each loops context -> execution -> verification (
 streamed OpenAI chat per step with a short think time, fixed by --seed; context is served by planner,
 execution and debugging by coder, verification by reviewer (the map HAProxy hashes on says the same).
 
-  1. affinity, then round robin, each from hosts with nothing loaded and at full weight: model loads over
-     all hosts (warmpool_swaps_total), time to first token p50/p95 at the client, requests per host.
+  1. affinity without the bounded load (hash-balance-factor 0), affinity as shipped (150), then round robin,
+     each from hosts with nothing loaded and at full weight: model loads over all hosts
+     (warmpool_swaps_total), time to first token p50/p95 at the client, requests per host, and where each
+     model's requests went. The targets are judged on the shipped configuration.
   2. host killed: the affinity workload again (its own seed); once a third of its requests are done and a
      host has a stream running, that host's warmpool gets SIGKILL. Every request must end complete or
      with an error the client sees (an HTTP error, an error event or a cut stream), none may hang; the
@@ -48,7 +50,7 @@ import phases  # benchmarks/phases.py, beside this script: the agents' workload
 
 from tests import multihost as mh
 
-BALANCE_FACTOR = 1.5  # hash-balance-factor 150 in deploy/haproxy/haproxy.cfg
+SHIPPED_FACTOR = 150  # hash-balance-factor in deploy/haproxy/haproxy.cfg
 MODELS_MAP = {**mh.PHASES, **{model: model for model in mh.UPSTREAM}}  # every name -> the model serving it
 
 
@@ -76,6 +78,14 @@ class Run:
 
     def failed(self) -> list[mh.Outcome]:
         return [o for o in self.outcomes if not o.complete]
+
+    def placement(self) -> str:
+        """Where each model's requests went: "planner gpu3 20, gpu2 7; ..."."""
+        by_model: dict[str, Counter[str]] = {}
+        for o in self.outcomes:
+            by_model.setdefault(mh.PHASES.get(o.phase or "", o.phase or "-"), Counter())[o.host or "-"] += 1
+        return "; ".join(f"{model} " + ", ".join(f"{host} {n}" for host, n in hosts.most_common())
+                         for model, hosts in sorted(by_model.items()))
 
 
 def plan(args: argparse.Namespace, seed: int) -> list[tuple[phases.Step, ...]]:
@@ -150,14 +160,13 @@ async def kill_mid_run(http: aiohttp.ClientSession, fab: mh.Fabric, args: argpar
     before = haproxy.backend()
     outcomes: list[mh.Outcome] = []
 
-    async def kill() -> tuple[mh.Host, dict[str, Any]]:
+    async def kill() -> tuple[mh.Host, dict[str, Any], float]:
         victim, view = await when_streaming(http, fab.hosts, outcomes, sum(map(len, agents)) // 3)
         victim.warmpool.signal(signal.SIGKILL)
-        return victim, view
+        return victim, view, time.monotonic()
 
-    wall, (victim, view) = await with_event(run_agents(http, haproxy.url, agents, args, outcomes), kill)
+    wall, (victim, view, killed_at) = await with_event(run_agents(http, haproxy.url, agents, args, outcomes), kill)
     after = haproxy.backend()
-    survivors = [h for h in fab.hosts if h is not victim]
     run = Run("host killed", outcomes, 0, wall, [h.name for h in fab.hosts])
     running = {n: m["inflight"] for n, m in view["models"].items() if m["inflight"]}
     queued = {n: m["queued"] for n, m in view["models"].items() if m["queued"]}
@@ -167,9 +176,11 @@ async def kill_mid_run(http: aiohttp.ClientSession, fab: mh.Fabric, args: argpar
                      f"{int(after['wredis']) - int(before['wredis'])} request(s)")
     for name, model in view["models"].items():
         if model["state"] in ("resident", "loading"):
-            where = [h.name for h in survivors if (await mh.residency(http, h))["models"][name]["state"] == "resident"]
-            run.notes.append(f"{name}, {model['state']} on {victim.name} when it died: now resident on "
-                             f"{', '.join(where) or 'no survivor (no request for it since)'}")
+            later = [o for o in outcomes if o.started > killed_at and mh.PHASES.get(o.phase or "") == name]
+            hosts = Counter(o.host for o in later if o.complete)
+            run.notes.append(f"{name}, {model['state']} on {victim.name} when it died: {len(later)} request(s) for it "
+                             f"sent after, {sum(hosts.values())} answered, by "
+                             f"{', '.join(f'{h} ({n})' for h, n in hosts.most_common()) or 'none'}")
     return run, victim
 
 
@@ -216,7 +227,7 @@ def routing_table(runs: list[Run]) -> list[str]:
     return lines
 
 
-def target_rows(affinity: Run, rr: Run, killed: Run, graceful: Run) -> list[str]:
+def target_rows(affinity: Run, rr: Run, killed: Run, graceful: Run, factor: float) -> list[str]:
     ratio = affinity.loads / rr.loads if rr.loads else float("inf")
     p95 = (mh.percentile(affinity.ttfts(), 95), mh.percentile(rr.ttfts(), 95))
     share, name = affinity.max_share()
@@ -226,8 +237,7 @@ def target_rows(affinity: Run, rr: Run, killed: Run, graceful: Run) -> list[str]
         ("model loads, affinity <= 0.5x round robin", f"{affinity.loads} vs {rr.loads} = {ratio:.2f}x", ratio <= 0.5),
         ("TTFT p95, affinity <= round robin", f"{seconds(p95[0])} vs {seconds(p95[1])}",
          None not in p95 and p95[0] <= p95[1]),  # type: ignore[operator]
-        (f"no host above {BALANCE_FACTOR:g}x its fair share (affinity)", f"busiest {name}: {share:.2f}x",
-         share <= BALANCE_FACTOR),
+        (f"no host above {factor:g}x its fair share (affinity)", f"busiest {name}: {share:.2f}x", share <= factor),
         ("host killed: requests lost without an answer", f"{len(lost)} of {len(killed.outcomes)}", not lost),
         ("host killed: hangs", str(len(hung)), not hung),
         ("graceful stop: failed requests", f"{len(graceful.failed())} of {len(graceful.outcomes)}",
@@ -250,14 +260,14 @@ async def bench(args: argparse.Namespace) -> int:
         emulation = mh.Emulation(load_seconds_per_gb=args.load_seconds_per_gb, token_delay=args.token_delay)
         for host in fab.hosts:
             fab.start_host(host, emulation)
-        haproxy = fab.start_haproxy(MODELS_MAP)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             await mh.wait_hosts_ready(http, fab.hosts)
-            await mh.wait_haproxy_sees(haproxy, {h.name: "UP" for h in fab.hosts})
-            await mh.wait_haproxy_sees(haproxy, {h.name: "UP" for h in fab.hosts}, backend="warmpool_rr")
             agents = plan(args, args.seed)
-            affinity = await measure(http, "affinity (hash on the model, bounded load 150%)", haproxy.url,
-                                     fab.hosts, agents, args)
+            unbounded = await measure(http, "affinity, no bounded load (factor 0)",
+                                      (await start_haproxy(fab, 0)).url, fab.hosts, agents, args)
+            haproxy = await start_haproxy(fab, None)
+            affinity = await measure(http, f"affinity as shipped (hash-balance-factor {SHIPPED_FACTOR})",
+                                     haproxy.url, fab.hosts, agents, args)
             rr = await measure(http, "round robin", haproxy.rr_url, fab.hosts, agents, args)
             await reset(http, fab.hosts)
             killed, victim = await kill_mid_run(http, fab, args)
@@ -267,10 +277,13 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"\n{args.agents} agents x {args.rounds} rounds ({requests} streamed chats per run, seed {args.seed}), "
           f"3 hosts, max_resident 1, emulated loads {args.load_seconds_per_gb:g} s per GB (1 GB models), "
           f"{args.max_tokens} tokens at {args.token_delay * 1000:g} ms\n")
-    print("\n".join(routing_table([affinity, rr])))
+    print("\n".join(routing_table([unbounded, affinity, rr])))
     print()
-    print("\n".join(target_rows(affinity, rr, killed, graceful)))
-    for run in (affinity, rr, killed, graceful):
+    print("\n".join(target_rows(affinity, rr, killed, graceful, SHIPPED_FACTOR / 100)))
+    print("\nwhere each model's requests went:")
+    for run in (unbounded, affinity, rr):
+        print(f"  {run.label}: {run.placement()}")
+    for run in (killed, graceful):
         if run.notes or run.failed():
             print(f"\n{run.label}:")
             print("\n".join(f"  {note}" for note in run.notes))
@@ -278,6 +291,14 @@ async def bench(args: argparse.Namespace) -> int:
                 print(f"  {len(run.failed())} request(s) did not complete:")
                 print("\n".join(failures(run)))
     return 0
+
+
+async def start_haproxy(fab: mh.Fabric, factor: int | None) -> mh.HAProxy:
+    """HAProxy as shipped, or with another hash-balance-factor, once it sees every host up."""
+    haproxy = fab.start_haproxy(MODELS_MAP, factor)
+    for backend in ("warmpool_hosts", "warmpool_rr"):
+        await mh.wait_haproxy_sees(haproxy, {h.name: "UP" for h in fab.hosts}, backend=backend)
+    return haproxy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -289,7 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--p-debug", type=float, default=0.25, help="chance a round has a debugging step")
     add("--think-min", type=float, default=0.2)
     add("--think-max", type=float, default=1.0)
-    add("--max-tokens", type=int, default=16)
+    add("--max-tokens", type=int, default=12, help="the emulator answers at most 12 tokens")
     add("--token-delay", type=float, default=0.02, help="emulator seconds per token")
     add("--load-seconds-per-gb", type=float, default=0.8, help="emulator load time per GB (models are 1 GB)")
     add("--hang-after", type=float, default=60.0, help="seconds after which a request counts as hung")

@@ -449,6 +449,7 @@ class Outcome:
     complete: bool  # ended with data: [DONE]
     error: str | None  # what the client saw go wrong
     hung: bool = False
+    started: float = 0.0  # time.monotonic() when it was sent
 
     @property
     def answered(self) -> bool:
@@ -463,7 +464,7 @@ async def stream_chat(http: aiohttp.ClientSession, base: str, phase: str | None,
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "stream": True}
     headers = {PHASE_HEADER: phase} if phase else {}
-    started = time.perf_counter()
+    started, sent = time.perf_counter(), time.monotonic()
     host: str | None = None
     status: int | None = None
     ttft: float | None = None
@@ -483,12 +484,13 @@ async def stream_chat(http: aiohttp.ClientSession, base: str, phase: str | None,
                     elif line.startswith(b'data: {"error"'):
                         error = line.decode(errors="replace").strip()
     except TimeoutError:
-        return Outcome(phase or model, host, status, ttft, time.perf_counter() - started, False, "hung", hung=True)
+        return Outcome(phase or model, host, status, ttft, time.perf_counter() - started, False, "hung", hung=True,
+                       started=sent)
     except aiohttp.ClientError as exc:
         error = f"{type(exc).__name__}: {exc}"
     # A 200 stream that stopped without [DONE] and without an error is neither: `answered` is then false.
     return Outcome(phase or model, host, status, ttft, time.perf_counter() - started, complete and error is None,
-                   error)
+                   error, started=sent)
 
 
 def _has_content(line: bytes) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import multihost as mh
 
@@ -151,6 +152,58 @@ async def test_a_graceful_stop_says_drain_before_it_closes_and_fails_no_request(
     assert outcomes[2].host != leaving.name, outcomes  # the queued one got 503 at shutdown and HAProxy retried it
     await asyncio.to_thread(leaving.warmpool.proc.wait, 30)
     assert leaving.warmpool.proc.returncode == 0
+
+
+async def test_nginx_sends_every_name_of_a_model_to_one_host(
+        hosts: tuple[mh.Fabric, mh.HAProxy, aiohttp.ClientSession], tmp_path: Path) -> None:
+    """deploy/nginx/warmpool.conf in front of the same hosts: the body's model is read for the hash key, and
+    the phase header maps to the same key as the model it names (execution -> coder)."""
+    fab, _, http = hosts
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(nginx, os.X_OK):
+        pytest.skip("nginx is missing (Debian: apt-get install nginx)")
+    port = mh.free_port()
+    conf = (mh.REPO / "deploy" / "nginx" / "warmpool.conf").read_text()
+    conf = conf.replace("listen 11434;", f"listen 127.0.0.1:{port};")
+    for shipped, host in zip(("10.0.0.11", "10.0.0.12", "10.0.0.13"), fab.hosts, strict=True):
+        conf = conf.replace(f"{shipped}:11435", f"{host.address}:{mh.WARMPOOL_PORT}")
+    (tmp_path / "warmpool.conf").write_text(conf)
+    temp = " ".join(f"{kind}_temp_path {tmp_path}/{kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (tmp_path / "nginx.conf").write_text(
+        f"daemon off;\nmaster_process off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; {temp} include {tmp_path}/warmpool.conf; }}\n")
+    child = mh.Child("nginx", [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e",
+                               str(tmp_path / "error.log")], tmp_path / "nginx.log", mh.child_env())
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await mh.until("nginx answers", lambda: _answers(http, base + "/api/tags"), children=[child])
+        for model in ("planner", "coder", "reviewer"):
+            for _ in range(2):
+                outcome = await mh.stream_chat(http, base, None, "hi", 4, model=model)
+                assert outcome.complete, outcome
+        assert (await mh.stream_chat(http, base, "execution", "hi", 4)).complete
+    finally:
+        child.stop()
+    served = {h.name: await _requests_by_model(http, h) for h in fab.hosts}
+    for model, expected in (("planner", 2), ("coder", 3), ("reviewer", 2)):
+        counts = {name: by_model[model] for name, by_model in served.items() if by_model.get(model)}
+        assert list(counts.values()) == [expected], (model, served)
+
+
+async def _answers(http: aiohttp.ClientSession, url: str) -> bool:
+    return (await mh.get_json(http, url))[0] == 200
+
+
+async def _requests_by_model(http: aiohttp.ClientSession, host: mh.Host) -> dict[str, float]:
+    async with http.get(host.url + "/metrics") as r:
+        text = await r.text()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "warmpool_requests_total":
+                counts[sample.labels["model"]] = counts.get(sample.labels["model"], 0.0) + sample.value
+    return counts
 
 
 async def _model_is(http: aiohttp.ClientSession, host: mh.Host, model: str, key: str, value: object) -> bool:
