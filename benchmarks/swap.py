@@ -43,7 +43,7 @@ from synthetic_gguf import write_synthetic_gguf
 
 from warmpool.backends.llamacpp_process import ManagedServer
 from warmpool.cli.bench_pressure import evict_fraction, ready_spare
-from warmpool.config import BackendConfig, ModelConfig
+from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
 from warmpool.ramtier import pagecache
 
 GB = 10**9
@@ -133,8 +133,8 @@ def measure_rates(path: Path, repeat: int) -> Rates:
 # -- loads ---------------------------------------------------------------------------------------------
 
 def configs(subject: Subject, spare: bool) -> tuple[ModelConfig, BackendConfig]:
-    model = ModelConfig(name="bench", backend="bench", upstream_name="bench", gguf=str(subject.path),
-                        n_ctx=N_CTX)
+    model = ModelConfig(name="bench", backend="bench", upstream_name="bench",
+                        llamacpp=LlamaCppModel(gguf=str(subject.path), n_ctx=N_CTX))
     return model, BackendConfig(name="bench", kind="llamacpp", start_timeout=300, spare=spare)
 
 

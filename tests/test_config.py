@@ -14,6 +14,7 @@ import yaml
 from warmpool.config import (
     Config,
     ModelConfig,
+    OllamaModel,
     config_from_mapping,
     discover_config_path,
     load_config,
@@ -155,8 +156,8 @@ def test_example_config_with_its_commented_llamacpp_and_secret_sections_enabled_
     assert cfg.backends["remote"].api_key == "sk-test"
     assert cfg.backends["local"].vram_budget == 24 * 2**30
     assert cfg.models["gemma"].gguf == str(gguf)
-    assert cfg.models["gemma"].n_gpu_layers == -1
-    assert cfg.models["gemma"].server_args == {"flash_attn": True}
+    assert cfg.models["gemma"].llamacpp is not None and cfg.models["gemma"].llamacpp.n_gpu_layers == -1
+    assert cfg.models["gemma"].llamacpp.server_args == {"flash_attn": True}
     assert (cfg.backends["local"].idle_default, cfg.backends["local"].idle_after) == ("coder", 600.0)
 
 
@@ -255,7 +256,8 @@ def test_omitted_sections_take_the_dataclass_defaults() -> None:
     for name in ("listen_host", "listen_port", "log", "max_body_size", "timeouts", "auth", "scheduler",
                  "phases", "default_phase", "preload"):
         assert getattr(cfg, name) == getattr(defaults, name), name
-    assert cfg.models["planner"] == ModelConfig(name="planner", backend="local", upstream_name="qwen2.5:7b")
+    assert cfg.models["planner"] == ModelConfig(name="planner", backend="local", upstream_name="qwen2.5:7b",
+                                                ollama=OllamaModel())
 
 
 def test_empty_sections_are_allowed() -> None:
@@ -306,8 +308,10 @@ def test_llamacpp_backend_and_model(tmp_path: Path) -> None:
     backend, model = cfg.backends["gpu"], cfg.models["gemma"]
     assert (backend.start_timeout, backend.stop_grace, backend.spare) == (60.0, 2.0, False)
     assert (backend.vram_budget, backend.max_resident, backend.url) == (8 * 2**30, 2, None)
-    assert (model.gguf, model.n_ctx, model.n_gpu_layers, model.size) == (str(gguf), 0, -1, 300_000_000)
-    assert model.server_args == {"flash_attn": True, "seed": 1} and model.pin
+    assert model.llamacpp is not None and model.ollama is None
+    llama = model.llamacpp
+    assert (model.gguf, llama.n_ctx, llama.n_gpu_layers, model.size) == (str(gguf), 0, -1, 300_000_000)
+    assert model.llamacpp.server_args == {"flash_attn": True, "seed": 1} and model.pin
 
 
 def test_gguf_tilde_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,7 +363,7 @@ def test_var_expansion_gives_typed_values_where_types_are_expected() -> None:
     ), env)
     assert cfg.backends["local"].max_resident == 3 and cfg.scheduler.max_queue == 12
     assert cfg.models["m"].pin is True and cfg.models["m"].keep_alive == 300.0
-    assert cfg.models["m"].options == {"num_ctx": 8192, "stop": "5m"}
+    assert cfg.models["m"].ollama == OllamaModel(options={"num_ctx": 8192, "stop": "5m"})
 
 
 def test_var_expansion_keeps_numeric_looking_secrets_as_strings() -> None:

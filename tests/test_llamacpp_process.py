@@ -25,7 +25,7 @@ from warmpool.backends.llamacpp_process import (
     llama_settings,
     worker_argv,
 )
-from warmpool.config import BackendConfig, ModelConfig
+from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
 from warmpool.errors import BackendUnavailable
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,7 +38,7 @@ MODES = ["plain", "spare"]
 PARENT_SCRIPT = """
 import asyncio, sys
 from warmpool.backends.llamacpp_process import ManagedServer, SparePool
-from warmpool.config import BackendConfig, ModelConfig
+from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
 
 async def main(mode: str, gguf: str) -> None:
     backend = BackendConfig(name="managed", kind="llamacpp", start_timeout=60)
@@ -49,7 +49,8 @@ async def main(mode: str, gguf: str) -> None:
         await spare.wait_ready(60)
         print(spare.pid, flush=True)
     else:
-        model = ModelConfig(name="gemma", backend="managed", upstream_name="g", gguf=gguf, n_ctx=512)
+        model = ModelConfig(name="gemma", backend="managed", upstream_name="g",
+                            llamacpp=LlamaCppModel(gguf=gguf, n_ctx=512))
         server = ManagedServer(model, backend, spare=spare)
         await server.start()
         print(server.pid, flush=True)
@@ -72,9 +73,8 @@ def gguf() -> str:
 @pytest.fixture
 def model(gguf: str) -> ModelConfig:
     # The GGUF carries no chat template llama-cpp-python recognises; its llama-2 fallback answers nothing.
-    return ModelConfig(
-        name="gemma", backend="managed", upstream_name=ALIAS, gguf=gguf, n_ctx=1024, chat_format="gemma"
-    )
+    return ModelConfig(name="gemma", backend="managed", upstream_name=ALIAS,
+                       llamacpp=LlamaCppModel(gguf=gguf, n_ctx=1024, chat_format="gemma"))
 
 
 @pytest.fixture
@@ -161,7 +161,8 @@ async def post_chat(session: aiohttp.ClientSession, url: str, body: dict[str, An
 
 def test_settings_force_loopback_and_no_interrupts(model: ModelConfig) -> None:
     extra = {"interrupt_requests": True, "port": 1, "host": "0.0.0.0", "n_ctx": 4096, "seed": 7}
-    settings = llama_settings(replace(model, server_args=extra), 5555)
+    assert model.llamacpp is not None
+    settings = llama_settings(replace(model, llamacpp=replace(model.llamacpp, server_args=extra)), 5555)
     assert settings["interrupt_requests"] is False
     assert (settings["host"], settings["port"]) == ("127.0.0.1", 5555)
     assert (settings["n_ctx"], settings["seed"], settings["model_alias"]) == (4096, 7, ALIAS)
@@ -241,7 +242,8 @@ async def test_stop_leaves_no_process(model: ModelConfig, backend: BackendConfig
 async def test_bad_gguf_is_unavailable_with_stderr_tail(
     model: ModelConfig, backend: BackendConfig, mode: str, tmp_path: Path
 ) -> None:
-    missing = replace(model, gguf=str(tmp_path / "missing.gguf"))
+    assert model.llamacpp is not None
+    missing = replace(model, llamacpp=replace(model.llamacpp, gguf=str(tmp_path / "missing.gguf")))
     pool = SparePool(backend)
     with pytest.raises(BackendUnavailable) as caught:
         await _start(missing, backend, mode, pool)

@@ -25,7 +25,7 @@ from warmpool.cli.bench_pressure import (
     run_pressure,
     select_model,
 )
-from warmpool.config import BackendConfig, ModelConfig, config_from_mapping
+from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig, config_from_mapping
 from warmpool.ramtier import pagecache
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,7 +47,8 @@ def gemma_copy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def model_for(gguf: str) -> ModelConfig:
-    return ModelConfig(name="gemma", backend="local", upstream_name="gemma", gguf=gguf, n_ctx=512)
+    return ModelConfig(name="gemma", backend="local", upstream_name="gemma",
+                       llamacpp=LlamaCppModel(gguf=gguf, n_ctx=512))
 
 
 async def test_run_pressure_measures_a_warm_and_a_cold_start(gemma_copy: str) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import eventually, llama_models
 from warmpool.backends import llamacpp
 from warmpool.backends.llamacpp import LlamaCppBackend
 from warmpool.config import config_from_mapping
-from warmpool.scheduling.pool import Pool
+from warmpool.scheduling.pool import Lease, Pool
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,18 +35,26 @@ async def managed(gguf_path: str) -> AsyncIterator[tuple[LlamaCppBackend, Pool]]
         await backend.close()
 
 
+async def hold(pool: Pool, model: str) -> Lease:
+    """A request's lease on `model`, taken (after a swap when needed) and not yet released."""
+    lease = pool.lease(model)
+    if not lease.try_now():
+        await lease.wait()
+    return lease
+
+
 async def test_the_spare_is_replaced_once_no_request_runs(managed: tuple[LlamaCppBackend, Pool]) -> None:
     backend, pool = managed
     await eventually(lambda: backend.spares.idle is not None)  # the one started with the backend
-    await pool.acquire("planner")  # the swap's load takes the spare; the request now runs
+    first = await hold(pool, "planner")  # the swap's load takes the spare; the request now runs
     assert "planner" in backend.servers and backend.spares.idle is None
     await asyncio.sleep(1.0)  # a refill would have spawned its process by now
     assert backend.spares.idle is None, "a spare started beside the running request"
-    await pool.acquire("planner")
-    pool.release("planner")  # one of two requests ended: the backend is still busy
+    second = await hold(pool, "planner")
+    first.release()  # one of two requests ended: the backend is still busy
     await asyncio.sleep(0.5)
     assert backend.spares.idle is None
-    pool.release("planner")  # the last one ended
+    second.release()  # the last one ended
     await eventually(lambda: backend.spares.idle is not None)
     spare = backend.spares.idle
     assert spare is not None and await spare.wait_ready(60)
@@ -57,19 +65,18 @@ async def test_a_backend_that_never_idles_gets_its_spare_later(
     backend, pool = managed
     monkeypatch.setattr(llamacpp, "SPARE_REFILL_LATEST", 1.0)
     await eventually(lambda: backend.spares.idle is not None)
-    await pool.acquire("planner")
+    lease = await hold(pool, "planner")
     assert backend.spares.idle is None
     await eventually(lambda: backend.spares.idle is not None, timeout=10)  # while the request still runs
-    pool.release("planner")
+    lease.release()
 
 
 async def test_the_next_swap_takes_the_spare_started_when_the_backend_went_idle(
         managed: tuple[LlamaCppBackend, Pool]) -> None:
     backend, pool = managed
-    await pool.acquire("planner")
-    pool.release("planner")
+    (await hold(pool, "planner")).release()
     await eventually(lambda: backend.spares.idle is not None)
     spare = backend.spares.idle
-    await pool.acquire("coder")  # evicts the planner, loads the coder from that spare
+    lease = await hold(pool, "coder")  # evicts the planner, loads the coder from that spare
     assert backend.servers["coder"].pid == spare.pid
-    pool.release("coder")
+    lease.release()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from warmpool.config import ModelConfig, config_from_mapping
+from warmpool.config import LlamaCppModel, ModelConfig, config_from_mapping
 from warmpool.ramtier.weights import (
     OllamaName,
     SearchRoots,
@@ -63,7 +63,8 @@ def store(tmp_path: Path) -> Path:
 
 
 def model(name: str = "planner", upstream: str | None = None, gguf: str | None = None) -> ModelConfig:
-    return ModelConfig(name=name, backend="b", upstream_name=upstream or name, gguf=gguf)
+    return ModelConfig(name=name, backend="b", upstream_name=upstream or name,
+                       llamacpp=LlamaCppModel(gguf=gguf) if gguf is not None else None)
 
 
 # -- names -----------------------------------------------------------------------------------------

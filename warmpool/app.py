@@ -46,9 +46,9 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     """A ready-to-run application; nothing starts until the aiohttp runner sets it up."""
     metrics = Metrics(registry or CollectorRegistry())
     backends = {name: make_backend(b, cfg) for name, b in cfg.backends.items()}
-    scheduler = Scheduler(backends, cfg, metrics)
+    tier = build_ram_tier(cfg, in_backend=lambda: occupying(scheduler))
+    scheduler = Scheduler(backends, cfg, metrics, hooks=tier)
     proxy = Proxy(cfg, backends, scheduler, metrics)
-    tier = build_ram_tier(cfg, scheduler)
     sources = [lambda: scheduler_gauges(scheduler), lambda: backend_gauges(backends)]
     if tier is not None:
         sources.append(lambda: ram_tier_metrics(tier))
@@ -71,18 +71,14 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     return app
 
 
-def build_ram_tier(cfg: Config, scheduler: Scheduler) -> RamTier | None:
-    """The RAM tier for `cfg`, hooked into every pool; None when `ram_tier.enabled` is false."""
+def build_ram_tier(cfg: Config, in_backend: Callable[[], set[str]]) -> RamTier | None:
+    """The RAM tier for `cfg` (it is every pool's hooks: swap sources and uses); None when
+    `ram_tier.enabled` is false. `in_backend` names the models whose files must never be dropped."""
     rt = cfg.ram_tier
     if not rt.enabled:
         return None
     roots = SearchRoots.from_settings(rt.ollama_models, rt.models_dirs, rt.hf_cache)
-    tier = RamTier(rt, discover_all(cfg, roots), preload=cfg.preload, phases=cfg.phases,
-                   in_backend=lambda: occupying(scheduler))
-    for pool in scheduler.pools.values():
-        pool.source_probe = tier.swap_source
-        pool.on_use = tier.record_use
-    return tier
+    return RamTier(rt, discover_all(cfg, roots), preload=cfg.preload, phases=cfg.phases, in_backend=in_backend)
 
 
 def occupying(scheduler: Scheduler) -> set[str]:

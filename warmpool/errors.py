@@ -1,4 +1,4 @@
-"""The exception tree; each error knows its HTTP status and renders itself in both client dialects.
+"""The exception tree; each error knows its HTTP status and renders itself in every client dialect.
 
     WarmpoolError                      500
     ├── ConfigError                    (startup / check-config; carries every problem with its key path)
@@ -16,7 +16,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+# The API family a client speaks, or a backend's inference endpoints (backends speak only the first two).
+Dialect = Literal["ollama", "openai", "anthropic"]
 
 OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -26,6 +29,25 @@ OPENAI_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+# Anthropic's error types by status (its SDK's error objects; 529 is its own "overloaded", which a full
+# queue is too).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error body: {"type": "error", "error": {"type", "message"}}."""
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 class WarmpoolError(Exception):
@@ -46,8 +68,13 @@ class WarmpoolError(Exception):
         kind = OPENAI_TYPES.get(self.status, "api_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
 
-    def body(self, dialect: str) -> dict[str, Any]:
-        """The JSON body for `dialect` ("ollama" or "openai"; anything else gets the OpenAI shape)."""
+    def anthropic_body(self) -> dict[str, Any]:
+        return anthropic_error(self.status, self.message)
+
+    def body(self, dialect: Dialect) -> dict[str, Any]:
+        """The JSON body for `dialect`."""
+        if dialect == "anthropic":
+            return self.anthropic_body()
         return self.ollama_body() if dialect == "ollama" else self.openai_body()
 
 

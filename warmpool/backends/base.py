@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from warmpool.backends.control import make_session
 from warmpool.config import BackendConfig, Config, ModelConfig
-from warmpool.errors import BackendError, BackendTimeout
+from warmpool.errors import BackendError, BackendTimeout, Dialect
 from warmpool.http.client import ConnectFailed, Origin, UpstreamBroken
 from warmpool.http.wire import encode_headers, forwardable
 
@@ -57,8 +57,6 @@ class ResidentModel:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-Dialect = Literal["ollama", "openai"]  # the API family a backend's inference endpoints speak
-
 __all__ = ["Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream", "UpstreamBroken"]
 
 
@@ -90,6 +88,10 @@ class Upstream(Protocol):
 LostCallback = Callable[[str, str], None]  # (model, reason): a model vanished without warmpool unloading it
 
 
+def _nobody_listens(model: str, reason: str) -> None:
+    pass
+
+
 class Backend:
     """Base class. Subclasses: OllamaBackend, LlamaCppBackend, OpenAIBackend."""
 
@@ -104,7 +106,7 @@ class Backend:
         self.name = config.name
         self.app_config = app_config
         self.models = {m.name: m for m in app_config.models.values() if m.backend == config.name}
-        self.on_lost: LostCallback = lambda model, reason: None
+        self.on_lost: LostCallback = _nobody_listens
         self.healthy_once = False
         self._session: aiohttp.ClientSession | None = None
         self._origins: dict[str, Origin] = {}
@@ -119,6 +121,11 @@ class Backend:
         if self._session is None:
             self._session = make_session(self.app_config)
         return self._session
+
+    def report_losses_to(self, callback: LostCallback) -> None:
+        """Where to report a model that left the upstream without warmpool unloading it (a crashed server):
+        the pool that owns this backend subscribes when it is built."""
+        self.on_lost = callback
 
     async def start(self) -> None:
         """Start probing the upstream in the background; an upstream that is down is never fatal."""
@@ -172,6 +179,25 @@ class Backend:
     async def catalog(self) -> dict[str, dict[str, Any]] | None:
         """The upstream's own listing entries (Ollama's /api/tags) by configured model name; None where
         the upstream keeps no catalog of its own."""
+        return None
+
+    # What the upstream's OpenAI chat endpoint accepts: `response_format` of type json_schema, and an
+    # assistant message whose content is null (one that only calls tools). Where not, warmpool rewrites both
+    # to the forms it does accept.
+    accepts_json_schema_format = True
+    accepts_null_content = True
+    # The path of the upstream's tokenizer (llama-cpp-python's /extras/tokenize/count, llama-server's
+    # /tokenize), for /v1/messages/count_tokens; None where it has none reachable.
+    tokenize_path: str | None = None
+
+    def serves_natively(self, path: str) -> bool:
+        """Whether the upstream serves a client endpoint warmpool would otherwise translate (Ollama ≥ 0.14 has
+        /v1/messages), as far as warmpool has learned; answering False is always safe."""
+        return False
+
+    def reads_images(self, model: ModelConfig) -> bool | None:
+        """Whether `model` can take images: True, False, or None when warmpool cannot tell (the upstream then
+        answers for itself)."""
         return None
 
     def idle(self) -> None:

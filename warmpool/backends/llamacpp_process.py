@@ -2,45 +2,38 @@
 
 Owns `ManagedServer` (one `llama_cpp.server` process serving one model on a free loopback port) and
 `SparePool` / `SpareWorker` (at most one process per backend that has already paid llama-cpp-python's
-import cost and waits for a model, so a swap pays only the model load). Every child runs in its own
-process group with a parent-death signal, so neither `stop()` nor a SIGKILLed warmpool leaves one
-behind. Facts relied on (research/upstream_spec.md §2): the server loads its model before uvicorn binds
-the port; `/openapi.json` takes no model lock, while `/v1/models` does and would cut running streams;
-`interrupt_requests` defaults to true and must be turned off.
+import cost and waits for a model, so a swap pays only the model load). Every child is a
+`backends.process.Child`: its own process group and a parent-death signal, so neither `stop()` nor a
+SIGKILLed warmpool leaves one behind. Facts relied on (research/upstream_spec.md §2): the server loads
+its model before uvicorn binds the port; `/openapi.json` takes no model lock, while `/v1/models` does
+and would cut running streams; `interrupt_requests` defaults to true and must be turned off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import ctypes
 import json
 import logging
 import os
 import signal
 import site
-import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from warmpool.backends._llamacpp_worker import PARENT_PID_ENV, PR_SET_PDEATHSIG, PREFIX
+from warmpool.backends._llamacpp_worker import PREFIX
+from warmpool.backends.process import HOST, Child, base_env, free_port, wait_event
 from warmpool.config import BackendConfig, ModelConfig
 from warmpool.errors import BackendError, BackendTimeout, BackendUnavailable
 
 logger = logging.getLogger("warmpool.backends.llamacpp")
 
-HOST = "127.0.0.1"
 PROBE_PATH = "/openapi.json"  # answered without the model lock (see module docstring)
 PROBE_INTERVAL = 0.05
 PROBE_TIMEOUT = 2.0
-TAIL_LINES = 50  # stderr lines kept per process
-REPORT_LINES = 12  # of those, how many go into an error message
 WORKER_MODULE = "warmpool.backends._llamacpp_worker"
 WORKER_FILE = Path(__file__).with_name("_llamacpp_worker.py")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the warmpool package
@@ -60,8 +53,6 @@ _SETTINGS_ENV = frozenset(
     yarn_ext_factor yarn_orig_ctx""".split()
 )
 
-# Resolved now: the forked child should do as little as possible before exec (other threads held locks).
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 # ---------------------------------------------------------------- settings and command lines
@@ -74,19 +65,22 @@ def llama_settings(model: ModelConfig, port: int) -> dict[str, Any]:
     explicit extra could otherwise never take effect) but never host, port or interrupt_requests, which
     are warmpool's contract with the process.
     """
+    llama = model.llamacpp
+    if llama is None:
+        raise ValueError(f"model {model.name!r} has no llama.cpp settings (not a llamacpp backend's model)")
     settings: dict[str, Any] = {
-        "model": str(model.gguf),
+        "model": llama.gguf,
         "model_alias": model.upstream_name,
-        "n_ctx": model.n_ctx,
-        "n_gpu_layers": model.n_gpu_layers,
-        "n_batch": model.n_batch,
+        "n_ctx": llama.n_ctx,
+        "n_gpu_layers": llama.n_gpu_layers,
+        "n_batch": llama.n_batch,
         "embedding": model.embedding,
-        "use_mmap": model.use_mmap,
-        "use_mlock": model.use_mlock,  # llama-cpp-python defaults to true on Linux; pass ours explicitly
+        "use_mmap": llama.use_mmap,
+        "use_mlock": llama.use_mlock,  # llama-cpp-python defaults to true on Linux; pass ours explicitly
     }
-    optional = {"n_threads": model.n_threads, "chat_format": model.chat_format}
+    optional = {"n_threads": llama.n_threads, "chat_format": llama.chat_format}
     settings.update({k: v for k, v in optional.items() if v is not None})
-    settings.update(model.server_args)
+    settings.update(llama.server_args)
     settings.update(host=HOST, port=port, interrupt_requests=False)
     return settings
 
@@ -123,16 +117,8 @@ def worker_argv(python: str) -> list[str]:
     return [python, "-c", bootstrap, str(WORKER_FILE)]
 
 
-def free_port() -> int:
-    """A port nobody listens on now (bind to 0, read it, close); the child binds it a moment later."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def child_env(python: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.lower() not in _SETTINGS_ENV}
-    env[PARENT_PID_ENV] = str(os.getpid())
+    env = {k: v for k, v in base_env().items() if k.lower() not in _SETTINGS_ENV}
     if python == sys.executable and _is_source_checkout():
         # `-m warmpool...` must find this warmpool even when only our cwd or sys.path made it importable.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
@@ -146,78 +132,18 @@ def _is_source_checkout() -> bool:
     return PACKAGE_ROOT not in installed
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn: SIGKILL the child when its parent thread dies, even if the parent is SIGKILLed."""
-
-    def preexec() -> None:
-        if _prctl is not None:
-            _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent_pid:  # the parent died between fork and prctl
-            os._exit(1)
-
-    return preexec
-
-
 # ---------------------------------------------------------------- one child process
 
 
-class _Child:
-    """A spawned process in its own group: output drained, stderr tail kept, exit noticed, group killed."""
+class _Child(Child):
+    """A llama.cpp server or spare worker process: also reads the worker's `@warmpool` report lines."""
 
     def __init__(self, proc: asyncio.subprocess.Process, label: str) -> None:
-        self.proc = proc
-        self.label = label
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.reports: dict[str, float] = {}  # timings the spare worker printed
         self.ready = asyncio.Event()  # the spare worker finished its imports
-        self.exited = asyncio.Event()
-        self.on_exit: list[Callable[[int], None]] = []
-        self._tasks = [
-            asyncio.create_task(self._drain(proc.stdout, self._on_stdout)),
-            asyncio.create_task(self._drain(proc.stderr, self.tail.append)),
-            asyncio.create_task(self._watch()),
-        ]
+        super().__init__(proc, label)
 
-    @classmethod
-    async def spawn(cls, argv: list[str], label: str) -> _Child:
-        """Start `argv` (argv[0] the interpreter) in a new session that dies with us."""
-        # Called on the event loop thread: PDEATHSIG fires when the *thread* that forked us ends.
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=child_env(argv[0]),
-            start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
-        )
-        return cls(proc, label)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    @property
-    def alive(self) -> bool:
-        return not self.exited.is_set()
-
-    async def _drain(self, stream: asyncio.StreamReader | None, sink: Callable[[str], None]) -> None:
-        """Read until EOF so the child never blocks on a full pipe."""
-        assert stream is not None
-        while True:
-            try:
-                line = await stream.readline()
-            except ValueError:  # a line over the reader's limit: its bytes are dropped, go on
-                continue
-            if not line:
-                return
-            sink(line.decode(errors="replace").rstrip())
-
-    def _on_stdout(self, line: str) -> None:
+    def on_stdout_line(self, line: str) -> None:
         # uvicorn's access log goes to stdout too; only the worker's own lines matter here.
         if not line.startswith(PREFIX):
             return
@@ -229,57 +155,8 @@ class _Child:
         if message.get("event") == "ready":
             self.ready.set()
 
-    async def _watch(self) -> None:
-        returncode = await self.proc.wait()
-        self.exited.set()
-        for callback in self.on_exit:
-            callback(returncode)
-
     async def send(self, settings: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps(settings).encode() + b"\n")
-            await self.proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # it died just now: the health check reports that, with its exit code and stderr
-
-    def signal_group(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, sig)  # the group id is the pid: start_new_session made it a leader
-
-    async def stop(self, grace: float) -> None:
-        """SIGTERM the group, SIGKILL it after `grace`, reap; safe to call again."""
-        if self.alive:
-            self.signal_group(signal.SIGTERM)
-            if not await wait_event(self.exited, grace):
-                self.signal_group(signal.SIGKILL)
-        await self.close()
-
-    async def close(self) -> None:
-        """SIGKILL whatever is left of the group and wait for the process and its pipes."""
-        self.signal_group(signal.SIGKILL)
-        await asyncio.wait(self._tasks, timeout=5.0)
-        for task in self._tasks:
-            task.cancel()
-
-    def exit_reason(self) -> str:
-        code = self.returncode
-        if code is not None and code < 0:
-            return f"killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
-
-    def stderr_report(self) -> str:
-        lines = list(self.tail)[-REPORT_LINES:]
-        return "; stderr tail:\n  " + "\n  ".join(lines) if lines else "; no stderr output"
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Whether `event` was set within `timeout` seconds."""
-    try:
-        await asyncio.wait_for(event.wait(), max(timeout, 0.0))
-    except TimeoutError:
-        return False
-    return True
+        await self.send_line(json.dumps(settings).encode())
 
 
 # ---------------------------------------------------------------- spare workers
@@ -298,7 +175,7 @@ class SpareWorker:
     @classmethod
     async def spawn(cls, backend: BackendConfig) -> SpareWorker:
         python = backend.python or sys.executable
-        return cls(await _Child.spawn(worker_argv(python), f"{backend.name} spare worker"))
+        return cls(await _Child.spawn(worker_argv(python), f"{backend.name} spare worker", child_env(python)))
 
     @property
     def pid(self) -> int:
@@ -435,7 +312,8 @@ class ManagedServer:
             self._adopt(await spare.launch(settings))
         else:
             python = self.backend.python or sys.executable
-            self._adopt(await _Child.spawn(plain_argv(python, settings), f"llama server {self.model.name}"))
+            argv = plain_argv(python, settings)
+            self._adopt(await _Child.spawn(argv, f"llama server {self.model.name}", child_env(python)))
 
     async def _spare_ready(self, spare: SpareWorker, deadline: float) -> bool:
         waited = time.monotonic()

@@ -28,6 +28,9 @@ UNLOAD_POLL_INTERVAL = 0.1
 # What warmpool asks Ollama to keep an idle model for, when the model's config sets no keep_alive.
 # Finite on purpose: if warmpool dies, Ollama frees the memory on its own; the refresher re-arms it.
 DEFAULT_LEASE = 600.0
+# Client endpoints Ollama serves itself, and since which version (research/upstream_spec.md §1.3: /v1/messages
+# came with v0.14); warmpool forwards those instead of translating them.
+NATIVE_SINCE = {"/v1/messages": (0, 14, 0)}
 
 
 def ollama_keep_alive(model: ModelConfig) -> float:
@@ -41,6 +44,7 @@ class OllamaBackend(Backend):
     def __init__(self, config: BackendConfig, app_config: Config) -> None:
         super().__init__(config, app_config)
         self.disk_sizes: dict[str, int] = {}  # filled from /api/tags once the server answers
+        self.version: str | None = None  # from /api/version, learned when the server first answers
 
     def base_url(self, model: ModelConfig | None) -> str:
         return self.config.url.rstrip("/")  # type: ignore[union-attr]
@@ -54,13 +58,14 @@ class OllamaBackend(Backend):
             options = body.get("options") or {}
             if not isinstance(options, dict):
                 raise BadRequest("'options' must be an object")
-            if model.options:
-                out["options"] = {**options, **model.options}
+            if load_options(model):
+                out["options"] = {**options, **load_options(model)}
         return out
 
     async def health(self) -> bool:
         try:
-            await self.get_json("/api/version")
+            answer = await self.get_json("/api/version")
+            self.version = str(answer["version"]) if isinstance(answer, dict) and answer.get("version") else None
             await self._learn_disk_sizes()
         except BackendError:
             return False
@@ -122,7 +127,12 @@ class OllamaBackend(Backend):
         return ollama_keep_alive(model)
 
     async def ollama_version(self) -> str | None:
-        return str((await self.get_json("/api/version"))["version"])
+        self.version = str((await self.get_json("/api/version"))["version"])
+        return self.version
+
+    def serves_natively(self, path: str) -> bool:
+        since = NATIVE_SINCE.get(path)
+        return since is not None and self.version is not None and version_tuple(self.version) >= since
 
     async def catalog(self) -> dict[str, dict[str, Any]] | None:
         entries = (await self.get_json("/api/tags") or {}).get("models") or []
@@ -159,6 +169,12 @@ class OllamaBackend(Backend):
         return await read_json(resp, self.name)
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(0, 14, 2) for "0.14.2" or "v0.14.2-rc1"; what does not parse counts as (0,), older than any release."""
+    numbers = re.findall(r"\d+", version.split("-")[0])
+    return tuple(int(n) for n in numbers) or (0,)
+
+
 def parse_expiry(text: str | None) -> float | None:
     """Seconds since the epoch of an /api/ps `expires_at` (RFC 3339 with up to nanoseconds)."""
     if not text:
@@ -170,11 +186,16 @@ def parse_expiry(text: str | None) -> float | None:
         return None
 
 
+def load_options(model: ModelConfig) -> dict[str, Any]:
+    """The load-time options configured for `model` (num_ctx, ...): sent with every request for it."""
+    return model.ollama.options if model.ollama is not None else {}
+
+
 def load_request(model: ModelConfig) -> tuple[str, dict[str, Any]]:
     """The empty request that makes Ollama load `model` with the options its traffic uses."""
     body: dict[str, Any] = {"model": model.upstream_name, "keep_alive": ollama_keep_alive(model)}
-    if model.options:
-        body["options"] = dict(model.options)
+    if load_options(model):
+        body["options"] = dict(load_options(model))
     if model.embedding:
         return "/api/embed", {**body, "input": []}
     return "/api/generate", body

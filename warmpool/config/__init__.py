@@ -9,9 +9,11 @@ from warmpool.config.model import (
     BackendKind,
     BalancerConfig,
     Config,
+    LlamaCppModel,
     LogConfig,
     MemoryAmount,
     ModelConfig,
+    OllamaModel,
     RamTierConfig,
     SchedulerConfig,
     Strategy,
@@ -21,7 +23,8 @@ from warmpool.config.redact import redacted
 from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
-    "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "Config", "LogConfig", "MemoryAmount",
-    "ModelConfig", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig", "config_from_mapping",
-    "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
+    "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "Config", "LlamaCppModel", "LogConfig",
+    "MemoryAmount", "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy",
+    "TimeoutsConfig", "config_from_mapping", "discover_config_path", "load_config", "parse_duration",
+    "parse_size", "redacted",
 ]

@@ -56,25 +56,47 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelConfig:
-    name: str  # the name clients use
-    backend: str
-    upstream_name: str  # the name the backend knows (Ollama tag); defaults to `name`
-    gguf: str | None = None  # llamacpp: path to the GGUF file
+class LlamaCppModel:
+    """How a managed llama.cpp server loads the model (models of a `llamacpp` backend)."""
+
+    gguf: str  # path to the GGUF file
     n_ctx: int = 2048
     n_gpu_layers: int = 0
     n_threads: int | None = None
     n_batch: int = 512
     chat_format: str | None = None
-    embedding: bool = False
     use_mmap: bool = True
     use_mlock: bool = False
     server_args: dict[str, Any] = field(default_factory=dict)  # extra llama_cpp.server model settings
-    options: dict[str, Any] = field(default_factory=dict)  # ollama load-time options (num_ctx, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class OllamaModel:
+    """How Ollama loads the model (models of an `ollama` backend)."""
+
+    options: dict[str, Any] = field(default_factory=dict)  # load-time options (num_ctx, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A model as clients name it and as the scheduler treats it; what only one backend kind needs lives in
+    that kind's part (`llamacpp`, `ollama`), set for models of that kind. The config file keeps them flat."""
+
+    name: str  # the name clients use
+    backend: str
+    upstream_name: str  # the name the backend knows (Ollama tag); defaults to `name`
+    embedding: bool = False
     keep_alive: float | None = None  # seconds an idle model stays loaded; None = forever while in budget
     pin: bool = False
     min_residency: float | None = None  # overrides scheduler.min_residency
     size: int | None = None  # bytes in (V)RAM when loaded, if known
+    llamacpp: LlamaCppModel | None = None
+    ollama: OllamaModel | None = None
+
+    @property
+    def gguf(self) -> str | None:
+        """The configured weight file (llamacpp models); None where warmpool has to find it."""
+        return self.llamacpp.gguf if self.llamacpp is not None else None
 
 
 Strategy = Literal["read", "madvise", "mlock"]

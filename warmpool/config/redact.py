@@ -7,7 +7,7 @@ from dataclasses import fields
 from typing import Any
 
 from warmpool.config.model import BackendConfig, Config, ModelConfig, RamTierConfig
-from warmpool.config.schema import _BACKEND_KINDS, _MODEL_KINDS
+from warmpool.config.schema import _BACKEND_KINDS, _MODEL_KINDS, _MODEL_PARTS
 from warmpool.config.values import _plain
 
 _MASK = "***"
@@ -64,5 +64,10 @@ def _redacted_backend(backend: BackendConfig) -> dict[str, Any]:
 
 
 def _model_dict(model: ModelConfig, cfg: Config) -> dict[str, Any]:
+    """A model in the file's flat shape: the common keys, then its kind's part."""
     backend = cfg.backends.get(model.backend)
-    return _for_kind(_fields_of(model), _MODEL_KINDS, backend.kind if backend else None)
+    flat = {key: value for key, value in _fields_of(model).items() if key not in _MODEL_PARTS}
+    for part in (model.llamacpp, model.ollama):
+        if part is not None:
+            flat.update(_fields_of(part))
+    return _for_kind(flat, _MODEL_KINDS, backend.kind if backend else None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 from warmpool.config.model import (
@@ -14,9 +14,11 @@ from warmpool.config.model import (
     BackendConfig,
     BalancerConfig,
     Config,
+    LlamaCppModel,
     LogConfig,
     MemoryAmount,
     ModelConfig,
+    OllamaModel,
     RamTierConfig,
     SchedulerConfig,
     TimeoutsConfig,
@@ -173,18 +175,28 @@ _BACKEND_KINDS: dict[str, tuple[str, ...]] = {
 _BACKEND_REQUIRED: dict[str, tuple[str, ...]] = {"url": ("ollama", "openai")}
 
 _MODEL: dict[str, Parser] = {
-    "backend": _str, "upstream_name": _str, "gguf": _file_path, "n_ctx": _int(0), "n_gpu_layers": _int(-1),
-    "n_threads": _nullable(_int(1)), "n_batch": _int(1), "chat_format": _nullable(_str), "embedding": _bool,
-    "use_mmap": _bool, "use_mlock": _bool, "server_args": _scalar_mapping, "options": _mapping,
-    "keep_alive": _keep_alive, "pin": _bool, "min_residency": _nullable(parse_duration),
-    "size": _nullable(_nonzero(parse_size)),
+    "backend": _str, "upstream_name": _str, "embedding": _bool, "keep_alive": _keep_alive, "pin": _bool,
+    "min_residency": _nullable(parse_duration), "size": _nullable(_nonzero(parse_size)),
 }
-_LLAMACPP_MODEL_KEYS = ("gguf", "n_ctx", "n_gpu_layers", "n_threads", "n_batch", "chat_format",
-                        "use_mmap", "use_mlock", "server_args")
+# The part of a model only one backend kind reads: its dataclass (a ModelConfig field named like the kind)
+# and its keys, which sit flat beside the common ones in the file. Which keys a kind allows, and which it
+# requires (fields without a default), follow from these.
+_MODEL_PARTS: dict[str, tuple[type, dict[str, Parser]]] = {
+    "llamacpp": (LlamaCppModel, {
+        "gguf": _file_path, "n_ctx": _int(0), "n_gpu_layers": _int(-1), "n_threads": _nullable(_int(1)),
+        "n_batch": _int(1), "chat_format": _nullable(_str), "use_mmap": _bool, "use_mlock": _bool,
+        "server_args": _scalar_mapping}),
+    "ollama": (OllamaModel, {"options": _mapping}),
+}
 _MODEL_KINDS: dict[str, tuple[str, ...]] = {
-    **{key: _LLAMACPP for key in _LLAMACPP_MODEL_KEYS}, "options": ("ollama",),
+    key: tuple(kind for kind, (_, spec) in _MODEL_PARTS.items() if key in spec)
+    for _, spec in _MODEL_PARTS.values() for key in spec
 }
-_MODEL_REQUIRED: dict[str, tuple[str, ...]] = {"gguf": _LLAMACPP}
+_MODEL_REQUIRED: dict[str, tuple[str, ...]] = {
+    f.name: (kind,) for kind, (cls, _) in _MODEL_PARTS.items() for f in fields(cls)
+    if f.default is MISSING and f.default_factory is MISSING
+}
+_ALL_MODEL_KEYS: dict[str, Parser] = {**_MODEL, **{k: p for _, spec in _MODEL_PARTS.values() for k, p in spec.items()}}
 
 
 def _build(tree: dict[str, Any], ck: _Checker, source: str) -> Config:
@@ -242,15 +254,24 @@ def _models(ck: _Checker, raw: Any, kinds: Mapping[str, str | None]) -> dict[str
 
 def _model(ck: _Checker, name: str, raw: Any, kinds: Mapping[str, str | None]) -> ModelConfig:
     path = f"models.{name}"
-    values = ck.section(raw, path, _MODEL)
+    values = ck.section(raw, path, _ALL_MODEL_KEYS)
     kind = _backend_kind(ck, path, raw, values.get("backend"), kinds)
     if kind is not None:
         _check_kind(ck, path, raw, kind, _MODEL_KINDS, _MODEL_REQUIRED)
     if kind == "llamacpp" and "gguf" in values and not os.path.isfile(values["gguf"]):
         ck.fail(f"{path}.gguf", f"file not found: {values['gguf']}")
-    values.setdefault("backend", "")
-    values.setdefault("upstream_name", name)
-    return ModelConfig(name=name, **values)
+    parts = {part: _model_part(part, values) for part in _MODEL_PARTS if part == kind}
+    common = {key: value for key, value in values.items() if key in _MODEL}
+    common.setdefault("backend", "")
+    common.setdefault("upstream_name", name)
+    return ModelConfig(name=name, **common, **parts)
+
+
+def _model_part(kind: str, values: Mapping[str, Any]) -> Any:
+    """The kind's part of a model from its flat keys; None when a required key is missing (reported)."""
+    cls, spec = _MODEL_PARTS[kind]
+    given = {key: value for key, value in values.items() if key in spec}
+    return cls(**given) if all(key in given for key, kinds in _MODEL_REQUIRED.items() if kind in kinds) else None
 
 
 def _backend_kind(ck: _Checker, path: str, raw: Any, backend: str | None,

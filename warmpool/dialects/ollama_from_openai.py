@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from warmpool.dialects.jsonfields import JSON
+from warmpool.dialects.jsonfields import JSON, parse_arguments
 from warmpool.dialects.jsonfields import as_object as _object
 from warmpool.dialects.jsonfields import get as _get
 from warmpool.dialects.jsonfields import object_at as _object_at
+from warmpool.dialects.sse import Event, SSEDecoder
 from warmpool.errors import BadRequest
 
 Request = tuple[str, JSON]
@@ -339,23 +340,10 @@ def _text(value: Any) -> str:
 
 
 def _ollama_tool_call(name: str, arguments: Any, call_id: Any = None) -> JSON:
-    out: JSON = {"function": {"name": name, "arguments": _parse_arguments(arguments)}}
+    out: JSON = {"function": {"name": name, "arguments": parse_arguments(arguments)}}
     if isinstance(call_id, str) and call_id:
         out["id"] = call_id
     return out
-
-
-def _parse_arguments(arguments: Any) -> JSON:
-    if isinstance(arguments, dict):
-        return arguments
-    if not isinstance(arguments, str) or not arguments.strip():
-        return {}
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        parsed = None
-    # Ollama requires an object; keep malformed model output visible rather than dropping it
-    return parsed if isinstance(parsed, dict) else {"arguments": arguments}
 
 
 def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_duration_ns: int) -> JSON:
@@ -464,9 +452,7 @@ class OllamaStreamTranslator:
         self._clock = clock
         self._started = clock() if started is None else started
         self._first_token_at: float | None = None
-        self._buffer = b""
-        self._data: list[str] = []
-        self._error_event = False
+        self._sse = SSEDecoder()
         self._finish_reason: str | None = None
         self._deltas = 0
         self._usage = _Usage()
@@ -480,46 +466,32 @@ class OllamaStreamTranslator:
         """Parse every complete SSE line in `data` (plus what was buffered); return the NDJSON lines due."""
         if self.done:
             return []
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        out: list[bytes] = []
-        for line in lines:
-            out += self._line(line.removesuffix(b"\r"))
-            if self.done:
-                self._buffer = b""
-                break
-        return out
+        return self._events(self._sse.feed(data))
 
     def finish(self) -> list[bytes]:
         """The final done:true line, if not yet sent (upstream ended without [DONE] or finish_reason)."""
         if self.done:
             return []
         # be lenient with an upstream that closed right after its last line, without the blank line
-        pending, self._buffer = self._buffer, b""
-        out = self._line(pending.removesuffix(b"\r")) if pending else []
-        out += self._line(b"")
+        out = self._events(self._sse.finish())
         return out if self.done else out + self._complete()
 
-    # --- SSE framing
+    def fail(self, status: int, message: str) -> list[bytes]:
+        """End the stream with a final {"error"} line, as Ollama does mid-stream."""
+        return [] if self.done else self._fail(message)
 
-    def _line(self, line: bytes) -> list[bytes]:
-        if not line:  # a blank line ends an event
-            return self._dispatch()
-        field, _, value = line.decode("utf-8", "replace").partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            self._data.append(value)
-        elif field == "error":  # older llama-server builds framed mid-stream errors as "error: {…}"
-            self._data.append(value)
-            self._error_event = True
-        elif field == "event":
-            self._error_event = value.strip() == "error"
-        return []  # comments (": ping - …"), id:, retry: and unknown fields are ignored
+    # --- SSE events (dialects/sse.py decodes them: comments, id:, retry: are dropped, and an "error:"
+    # field, which older llama-server builds framed mid-stream errors with, names the event "error")
 
-    def _dispatch(self) -> list[bytes]:
-        data, is_error = "\n".join(self._data), self._error_event
-        self._data, self._error_event = [], False
-        if not data.strip():
-            return []
+    def _events(self, events: list[Event]) -> list[bytes]:
+        out: list[bytes] = []
+        for event in events:
+            out += self._event(event.data, is_error=event.name == "error")
+            if self.done:
+                break  # nothing may follow the end of the stream
+        return out
+
+    def _event(self, data: str, *, is_error: bool) -> list[bytes]:
         if data.strip() == "[DONE]":
             return self._complete()
         try:
@@ -573,7 +545,6 @@ class OllamaStreamTranslator:
 
     def _fail(self, message: str) -> list[bytes]:
         self.done = True
-        self._buffer = b""
         return [_ndjson({"error": message})]
 
 

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from warmpool.dialects.ollama_from_openai import rfc3339_now
+from warmpool.errors import Dialect
 
 HEADER = "X-Warmpool-Loading-Feedback"
 INTERVAL = 1.0  # seconds between feedback lines
@@ -32,7 +33,7 @@ def streams(path: str, body: dict[str, Any]) -> bool:
     return False
 
 
-def content_type(dialect: str) -> str:
+def content_type(dialect: Dialect) -> str:
     return "application/x-ndjson" if dialect == "ollama" else "text/event-stream"
 
 

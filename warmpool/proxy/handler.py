@@ -20,14 +20,14 @@ from warmpool.backends.base import Backend, Upstream
 from warmpool.config import Config, ModelConfig, parse_duration
 from warmpool.dialects import ollama_from_openai, openai_from_ollama
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
-from warmpool.errors import BadRequest, ModelNotFound, Unauthorized, WarmpoolError
+from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
 from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
-from warmpool.proxy import feedback, listings, relay, routing
+from warmpool.proxy import feedback, listings, relay, routing, tokens, translate
 from warmpool.proxy.rawbody import plain_utf8, upstream_body
-from warmpool.scheduling.pool import Scheduler
+from warmpool.scheduling.pool import Lease, Scheduler
 
 log = logging.getLogger("warmpool.access")
 MODEL_HEADER = "X-Warmpool-Model"
@@ -40,7 +40,7 @@ class Exchange:
 
     request: Incoming
     reply: Reply
-    dialect: str
+    dialect: Dialect
     started: float
     body: dict[str, Any] = field(default_factory=dict)
     raw: bytes = b""  # the body as the client sent it
@@ -123,6 +123,8 @@ class Proxy:
         backend = self.backends[ex.model.backend]
         if path in routing.MODEL_ADMIN:
             return await self._model_admin(ex, backend)
+        if path == routing.COUNT_TOKENS:
+            return await self._count_tokens(ex, backend)
         return await self._inference(ex, backend)
 
     async def _model_admin(self, ex: Exchange, backend: Backend) -> None:
@@ -134,36 +136,45 @@ class Proxy:
         body.pop("name", None)
         return await self._forward(ex, backend, ex.request.path, body, transform=None)
 
+    async def _count_tokens(self, ex: Exchange, backend: Backend) -> None:
+        assert ex.model is not None
+        counted, ex.queue_wait = await tokens.count_tokens(ex.body, ex.model, backend, self.scheduler)
+        await ex.answer(Answer.json(counted))
+
     async def _inference(self, ex: Exchange, backend: Backend) -> None:
         assert ex.model is not None
         if ex.dialect == "ollama" and ollama_from_openai.is_ollama_preload(ex.request.path, ex.body):
             return await self._load_or_unload(ex)
         path, body, transform = self._upstream_request(ex, backend)
-        name = ex.model.name
-        pool = self.scheduler.pool_of(name)
-        if not pool.take(name):
+        lease = self.scheduler.lease(ex.model.name)
+        if not lease.try_now():
             if self._wants_feedback(ex):
-                return await self._inference_with_feedback(ex, backend, path, body, transform)
-            ex.queue_wait = await pool.wait_for(name)
+                return await self._inference_with_feedback(ex, backend, lease, path, body, transform)
+            ex.queue_wait = await lease.wait()
         try:
             self._observe_queue(ex)
             await self._forward(ex, backend, path, body, transform)
         finally:
-            pool.release(name)
+            lease.release()
 
     def _wants_feedback(self, ex: Exchange) -> bool:
         return feedback.streams(ex.request.path, ex.body) and feedback.wanted(
             ex.request.headers.get(feedback.HEADER), self.cfg.loading_feedback)
 
-    async def _inference_with_feedback(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
-                                       transform: Transform | None) -> None:
+    async def _inference_with_feedback(self, ex: Exchange, backend: Backend, lease: Lease, path: str,
+                                       body: dict[str, Any], transform: Transform | None) -> None:
         """Open the stream now and tell the client what it waits for; then relay into that stream."""
         assert ex.model is not None
-        pool = self.scheduler.pool_of(ex.model.name)
+        pool, name = self.scheduler.pool_of(ex.model.name), ex.model.name
         await ex.reply.start(200, "", [("Content-Type", feedback.content_type(ex.dialect)), *ex.tags()], None)
         self._first_byte_observer(ex)()
+
+        async def tell() -> None:
+            seconds = time.monotonic() - ex.started
+            await ex.reply.write(feedback.line(ex.request.path, name, pool.describe_wait(name), seconds))
+
         try:
-            ex.queue_wait = await self._wait_with_feedback(ex, pool)
+            ex.queue_wait = await lease.wait(every=feedback.INTERVAL, tick=tell)
         except WarmpoolError as error:
             await relay.report_in_stream(ex.reply, error)
             return
@@ -174,23 +185,7 @@ class Proxy:
         except WarmpoolError as error:
             await relay.report_in_stream(ex.reply, error)
         finally:
-            pool.release(ex.model.name)
-
-    async def _wait_with_feedback(self, ex: Exchange, pool: Any) -> float:
-        assert ex.model is not None
-        name = ex.model.name
-        waiting = asyncio.ensure_future(pool.acquire(name))
-        try:
-            while not (await asyncio.wait({waiting}, timeout=feedback.INTERVAL))[0]:
-                line = feedback.line(ex.request.path, name, pool.describe_wait(name), time.monotonic() - ex.started)
-                await ex.reply.write(line)
-            return float(waiting.result())
-        except BaseException:
-            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
-                pool.release(name)  # granted in the instant the client left: hand the lease back
-            else:
-                waiting.cancel()  # the client left: leave the queue, cause no load
-            raise
+            lease.release()
 
     async def _load_or_unload(self, ex: Exchange) -> None:
         """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,
@@ -208,22 +203,28 @@ class Proxy:
     def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
         assert ex.model is not None
         path = ex.request.path
+        if path in routing.TRANSLATED:
+            return translate.translated_request(path, ex.body, ex.model, backend)
         if ex.dialect == "ollama" and backend.speaks == "openai":
             upstream_path, body = ollama_from_openai.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
+            body = translate.fit_openai_body(backend, ex.model, upstream_path, body)
             return upstream_path, body, OllamaFromOpenAI(path, ex.model.name, ex.body)
-        if ex.dialect == "openai" and backend.speaks == "ollama" and ex.model.options:
+        options = ex.model.ollama.options if ex.model.ollama is not None else {}
+        if ex.dialect == "openai" and backend.speaks == "ollama" and options:
             # Ollama's /v1 cannot carry load-time options: it would reload the model with defaults.
             upstream_path, body = openai_from_ollama.openai_request_to_ollama(
-                path, ex.body, ex.model.upstream_name, ex.model.options, backend.lease_seconds(ex.model))
+                path, ex.body, ex.model.upstream_name, options, backend.lease_seconds(ex.model))
             return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
         body = backend.rewrite_body(ex.model, path, ex.body)
+        if backend.speaks == "openai":
+            body = translate.fit_openai_body(backend, ex.model, path, body)
         return path, body, None
 
     async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
                        transform: Transform | None) -> None:
         upstream = await ex.send(backend, path, body)
         await relay.relay(ex.reply, upstream, backend.name, ex.tags(), transform,
-                          on_first_byte=self._first_byte_observer(ex))
+                          on_first_byte=self._first_byte_observer(ex), error_dialect=ex.dialect)
 
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
         def observe() -> None:
@@ -283,5 +284,5 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def error_answer(error: WarmpoolError, dialect: str) -> Answer:
+def error_answer(error: WarmpoolError, dialect: Dialect) -> Answer:
     return Answer.json(error.body(dialect), status=error.status, headers=error.headers)

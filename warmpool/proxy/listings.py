@@ -98,7 +98,7 @@ async def _ps(cfg: Config, backends: dict[str, Backend]) -> list[dict[str, Any]]
 def _ps_entry(model: ModelConfig, size: int, expires_at: str | None, context_length: int) -> dict[str, Any]:
     expires = expires_at or (datetime.now(UTC) + FOREVER).isoformat().replace("+00:00", "Z")
     return ollama_from_openai.ollama_ps_entry(model.name, size=size or file_facts(model.gguf)[0], expires_at=expires,
-                                     digest=digest_of(model), context_length=context_length or model.n_ctx)
+                                     digest=digest_of(model), context_length=context_length or _n_ctx(model))
 
 
 def _openai_models(cfg: Config) -> list[dict[str, Any]]:
@@ -153,7 +153,8 @@ def translate_line(obj: dict[str, Any]) -> bytes:
 def _show(model: ModelConfig) -> dict[str, Any]:
     size, modified = file_facts(model.gguf)
     return {
-        "license": "", "parameters": f"num_ctx {model.n_ctx}", "template": "{{ .Prompt }}",
+        "license": "", "parameters": f"num_ctx {_n_ctx(model)}" if _n_ctx(model) else "",
+        "template": "{{ .Prompt }}",
         "modelfile": f"# served by warmpool (backend {model.backend})\nFROM {model.gguf or model.upstream_name}\n",
         "details": {"parent_model": "", "format": "gguf", "family": "", "families": [],
                     "parameter_size": "", "quantization_level": ""},
@@ -161,3 +162,8 @@ def _show(model: ModelConfig) -> dict[str, Any]:
         "capabilities": ["embedding"] if model.embedding else ["completion"],
         "modified_at": modified,
     }
+
+
+def _n_ctx(model: ModelConfig) -> int:
+    """The context length warmpool configured for the model; 0 where the upstream decides it."""
+    return model.llamacpp.n_ctx if model.llamacpp is not None else 0

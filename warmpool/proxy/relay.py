@@ -1,5 +1,5 @@
 """Relaying an upstream response to the client: status, headers and body chunk by chunk, unbuffered,
-optionally translated (OpenAI → Ollama). A failure after the headers went out is reported inside the
+optionally translated (dialects/transforms.py). A failure after the headers went out is reported inside the
 stream in the client's dialect, since the status can no longer change. A body whose first read is the
 whole of it (a typical non-streamed answer) goes out with its headers in a single write.
 """
@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 
 from warmpool.backends.base import Upstream, UpstreamBroken
+from warmpool.dialects.sse import frame
 from warmpool.dialects.transforms import Streamer, Transform
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
 from warmpool.http.exchange import Headers, Reply
@@ -22,12 +23,13 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
 async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
-                transform: Transform | None, on_first_byte: Callable[[], None]) -> None:
+                transform: Transform | None, on_first_byte: Callable[[], None], error_dialect: str = "") -> None:
     """Copy `upstream` to the client, with `tags` added to its headers; always releases the upstream
-    connection (closing it early cancels the upstream's work when the client went away)."""
+    connection (closing it early cancels the upstream's work when the client went away). `error_dialect`
+    shapes an error inside a stream passed through as it came ("anthropic": an `error` event)."""
     try:
         if transform is None:
-            await _pass_through(reply, upstream, backend, tags, on_first_byte)
+            await _pass_through(reply, upstream, backend, tags, on_first_byte, error_dialect)
         else:
             await _translated(reply, upstream, backend, tags, transform, on_first_byte)
     finally:
@@ -35,7 +37,7 @@ async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
 
 
 async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
-                        on_first_byte: Callable[[], None]) -> None:
+                        on_first_byte: Callable[[], None], error_dialect: str) -> None:
     first = b""
     headers = passed_headers(upstream) + tags
     if upstream.content_length is not None:
@@ -54,16 +56,16 @@ async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: He
     on_first_byte()
     if first:
         await reply.write(first)
-    await _copy_chunks(upstream, reply, backend)
+    await _copy_chunks(upstream, reply, backend, error_dialect)
     await reply.end()
 
 
-async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str) -> None:
+async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str, error_dialect: str = "") -> None:
     try:
         while chunk := await upstream.readany():
             await reply.write(chunk)
     except (UpstreamBroken, TimeoutError) as exc:
-        await _report_mid_stream(reply, upstream_failure(backend, exc))
+        await _report_mid_stream(reply, upstream_failure(backend, exc), error_dialect)
 
 
 async def _translated(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
@@ -88,7 +90,9 @@ async def _translate_chunks(upstream: Upstream, reply: Reply, backend: str, stre
         for line in streamer.finish():
             await reply.write(line)
     except (UpstreamBroken, TimeoutError) as exc:
-        await _report_mid_stream(reply, upstream_failure(backend, exc))
+        error = upstream_failure(backend, exc)
+        for line in streamer.fail(error.status, error.message):  # the translator knows its stream's shape
+            await reply.write(line)
 
 
 def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
@@ -111,13 +115,16 @@ def upstream_failure(backend: str, exc: BaseException) -> BackendError:
     return BackendError(backend, f"upstream dropped the connection mid-response: {exc}")
 
 
-async def _report_mid_stream(reply: Reply, error: WarmpoolError) -> None:
+async def _report_mid_stream(reply: Reply, error: WarmpoolError, dialect: str = "") -> None:
     """The status is already sent: end the stream with an error in the dialect's streaming shape
-    (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event)."""
+    (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event; Anthropic: an `error`
+    event, the only one its SDK raises on)."""
     if reply.content_type not in STREAM_TYPES:
         raise error  # a truncated JSON body: the proxy drops the connection so it cannot pass for whole
     if reply.content_type == "application/x-ndjson":
         await reply.write(json.dumps(error.ollama_body()).encode() + b"\n")
+    elif dialect == "anthropic":
+        await reply.write(frame(error.anthropic_body(), "error"))
     else:
         await reply.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
 

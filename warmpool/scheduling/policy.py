@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+# absent → loading → resident → unloading → absent; `occupies` while loading, resident or unloading.
+ModelStatus = Literal["absent", "loading", "resident", "unloading"]
 
 
 @dataclass(slots=True)
 class ModelState:
     name: str
-    status: str = "absent"  # absent | loading | resident | unloading
+    status: ModelStatus = "absent"
     inflight: int = 0
     last_used: float = 0.0
     loaded_at: float = 0.0

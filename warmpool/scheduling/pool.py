@@ -1,10 +1,15 @@
-"""Residency, leases, queues and swaps: one `Pool` per backend, acting on the pure `policy.plan`.
+"""Residency, leases and queues: one `Pool` per backend, acting on the pure `policy.plan`.
 
-Every proxied request holds a lease on its model for as long as its response streams. A lease on a
-resident model is granted at once; otherwise the request waits in its pool's queue. After any change
-(a request arrives, leaves or is cancelled; a swap ends; a timer fires) the pool re-plans and carries
-out the plan: grants waiters, fails the unservable, starts at most one swap. Swaps run as tasks that
-unload the victims, then load the target (a load ends when the model produced a token).
+Every proxied request holds a `Lease` on its model for as long as its response streams: the one way in.
+A lease on a resident model is taken at once, with no coroutine (`try_now`); otherwise the request waits
+in its pool's queue (`wait`). After any change (a request arrives, leaves or is cancelled; a swap ends;
+a timer fires) the pool re-plans and carries out the plan: grants waiters, fails the unservable, starts
+at most one swap. Swaps run as tasks (swaps.py) that unload the victims, then load the target (a load
+ends when the model produced a token).
+
+What the pool needs from outside comes in at construction: the backend (which reports models it lost)
+and `PoolHooks` (where a swap's weights come from, and each use of a model: the RAM tier). Its state
+shows in `repr(pool)`, which the in-memory tests assert on.
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from warmpool.backends.base import Backend
 from warmpool.config import Config, ModelConfig
@@ -30,48 +34,86 @@ from warmpool.errors import (
 )
 from warmpool.metrics import Metrics
 from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan
+from warmpool.scheduling.swaps import SwapRecord, SwapSteps
 
 log = logging.getLogger("warmpool.scheduler")
 SWAP_HISTORY = 50
 
 
-@dataclass(slots=True)
-class SwapRecord:
-    """One finished swap, for the status API."""
+class PoolHooks(Protocol):
+    """What a pool asks of the rest of warmpool (the RAM tier implements it)."""
 
-    model: str | None
-    evicted: list[str]
-    reason: str
-    started: float  # wall clock
-    seconds: float
-    load_seconds: float | None
-    source: str
-    ok: bool
-    error: str | None = None
+    async def swap_source(self, model: str) -> str:
+        """Where `model`'s weights would come from now: "ram", "disk" or "unknown"."""
+        ...
+
+    def record_use(self, model: str) -> None:
+        """A request on `model` ended."""
+        ...
+
+
+class NoHooks:
+    """For a pool without a RAM tier."""
+
+    async def swap_source(self, model: str) -> str:
+        return "unknown"
+
+    def record_use(self, model: str) -> None:
+        pass
 
 
 class Lease:
-    """`async with pool.lease(model) as waited:` - a class rather than an asynccontextmanager, because
-    every proxied request takes one (the generator-based form costs several times more)."""
+    """One request's hold on a model: `lease = pool.lease(model)`, then `try_now()` (granted at once when
+    the model is resident, the usual case: no coroutine) or `await wait()` (queued), and `release()` once
+    the answer is sent. `async with pool.lease(model) as lease:` does all three. A class rather than an
+    asynccontextmanager: every proxied request takes one, and the generator form costs several times more.
+    """
 
-    __slots__ = ("model", "pool")
+    __slots__ = ("held", "model", "pool", "waited")
 
     def __init__(self, pool: Pool, model: str) -> None:
         self.pool = pool
         self.model = model
+        self.held = False
+        self.waited = 0.0  # seconds spent in the queue
 
-    async def __aenter__(self) -> float:
-        return await self.pool.acquire(self.model)
+    def __repr__(self) -> str:
+        return f"<Lease {self.model} {'held' if self.held else 'not held'}>"
+
+    def try_now(self) -> bool:
+        """Take the lease if that needs no wait; False when `wait` is needed."""
+        self.held = self.pool._admit_now(self.model)
+        return self.held
+
+    async def wait(self, *, every: float = 1.0, tick: Callable[[], Awaitable[object]] | None = None) -> float:
+        """Queue until the lease is granted; returns the seconds waited. With `tick`, it is awaited every
+        `every` seconds while waiting (loading feedback). Whatever ends the wait early (cancellation, the
+        queue timeout, a failing tick) leaves the queue, and a grant that came in that same instant is
+        handed back, so a request that left never holds a model or causes a load."""
+        self.waited = await self.pool._queue_for(self.model, every, tick)
+        self.held = True
+        return self.waited
+
+    def release(self) -> None:
+        """Give the lease back (once; later calls do nothing)."""
+        if self.held:
+            self.held = False
+            self.pool._release(self.model)
+
+    async def __aenter__(self) -> Lease:
+        if not self.try_now():
+            await self.wait()
+        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.pool.release(self.model)
+        self.release()
 
 
 class Pool:
     """One backend's residency: its models' states, the queue of waiting requests, the running swap."""
 
     def __init__(self, backend: Backend, cfg: Config, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 hooks: PoolHooks | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend
         self.name = backend.name
         self.cfg = cfg
@@ -90,9 +132,9 @@ class Pool:
         self._ids = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._change_waits: list[asyncio.Future[None]] = []  # operator unloads waiting for the model to go
-        # Where a swap's weights come from (RAM tier: "ram" | "disk"), measured when the swap starts.
-        self.source_probe: Callable[[str], Awaitable[str]] = _unknown_source
-        self.on_use: Callable[[str], None] = lambda model: None
+        self.hooks: PoolHooks = hooks or NoHooks()
+        self.steps = SwapSteps(self.name, backend, self.models, self.unload_requested, metrics, clock)
+        backend.report_losses_to(self.mark_lost)
 
     def __repr__(self) -> str:
         states = ", ".join(f"{m.name}:{m.status}/{m.inflight}" for m in self.models.values())
@@ -107,18 +149,10 @@ class Pool:
     # -- leases -------------------------------------------------------------------------------------
 
     def lease(self, model: str) -> Lease:
-        """Hold `model` resident for the body of the `async with`; yields the seconds spent waiting."""
+        """A lease on `model`, not yet taken: see `Lease`."""
         return Lease(self, model)
 
-    async def acquire(self, model: str) -> float:
-        """Take a lease on `model` (release it with `release`); returns the seconds spent waiting."""
-        if self.take(model):
-            return 0.0
-        return await self.wait_for(model)
-
-    def take(self, model: str) -> bool:
-        """Take a lease on `model` if that needs no wait, the usual case (the data path then pays no
-        coroutine for it); False when `acquire` would have to wait."""
+    def _admit_now(self, model: str) -> bool:
         if self.closed:
             raise ShuttingDown()
         if self.available(model):
@@ -140,11 +174,11 @@ class Pool:
             return f"waiting for a swap to {self.swap_target or 'free room'} before loading {model}"
         return f"queued for {model}"
 
-    def release(self, model: str) -> None:
+    def _release(self, model: str) -> None:
         state = self.models[model]
         state.inflight -= 1
         state.last_used = self.clock()
-        self.on_use(model)
+        self.hooks.record_use(model)
         # While the model stays busy and nobody waits, a new plan would decide what the last one did.
         if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()
@@ -155,8 +189,7 @@ class Pool:
         if not self.closed and not any(m.inflight for m in self.models.values()):
             self.backend.idle()
 
-    async def wait_for(self, model: str) -> float:
-        """Queue for a lease on `model` (for when `take` just said no); returns the seconds waited."""
+    async def _queue_for(self, model: str, every: float, tick: Callable[[], Awaitable[object]] | None) -> float:
         if len(self.waiters) >= self.cfg.scheduler.max_queue:
             raise QueueFull(f"pool {self.name!r}: {len(self.waiters)} requests already waiting",
                             retry_after=self._retry_after())
@@ -167,12 +200,12 @@ class Pool:
         self.replan()
         try:
             async with asyncio.timeout(self.cfg.scheduler.queue_timeout):
-                await future
+                await _granted(future, every, tick)
         except TimeoutError:
             self._return_if_granted(model, future)
             raise QueueTimeout(f"pool {self.name!r}: model {model!r} was not ready within "
                                f"{self.cfg.scheduler.queue_timeout:g} s") from None
-        except asyncio.CancelledError:
+        except BaseException:
             self._return_if_granted(model, future)
             raise
         finally:
@@ -183,7 +216,7 @@ class Pool:
     def _return_if_granted(self, model: str, future: asyncio.Future[None]) -> None:
         # Granted in the same instant the client gave up: hand the lease back.
         if future.done() and not future.cancelled() and future.exception() is None:
-            self.release(model)
+            self._release(model)
 
     def _retry_after(self) -> float:
         recent = [r.seconds for r in self.history[-5:] if r.ok]
@@ -256,9 +289,9 @@ class Pool:
         record = SwapRecord(load, list(evict), reason, wall, 0.0, None, source, ok=True)
         try:
             for name in evict:
-                await self._unload(name, reason)
+                await self.steps.unload(name, reason)
             if load is not None:
-                record.load_seconds = await self._load(load, reason, source)
+                record.load_seconds = await self.steps.load(load, reason, source)
         except Exception as exc:  # noqa: BLE001 - every failure is reported to the waiters, never lost
             record.ok, record.error = False, str(exc)
             self._swap_failed(load, exc, reason)
@@ -268,53 +301,17 @@ class Pool:
 
     async def _probe_source(self, name: str) -> str:
         try:
-            return await self.source_probe(name)
+            return await self.hooks.swap_source(name)
         except Exception:  # a failed measurement must not fail the swap
             log.exception("measuring the source tier of %s failed", name)
             return "unknown"
-
-    async def _unload(self, name: str, reason: str) -> None:
-        started = self.clock()
-        try:
-            await self.backend.unload(self.backend.models[name])
-        except BaseException:
-            # Not confirmed gone (e.g. still in /api/ps): it still occupies the budget, so stay resident
-            # and load nothing beside it; the residency watcher corrects this if it did leave.
-            self.models[name].status = "resident"
-            raise
-        finally:
-            self.unload_requested.discard(name)
-        self.models[name].status = "absent"
-        seconds = self.clock() - started
-        log.info("unloaded %s from %s in %.3f s (%s)", name, self.name, seconds, reason)
-        if self.metrics:
-            self.metrics.unload_duration.labels(self.name, name).observe(seconds)
-            self.metrics.evictions.labels(self.name, name, reason).inc()
-
-    async def _load(self, name: str, reason: str, source: str) -> float:
-        started = self.clock()
-        result = await self.backend.load(self.backend.models[name])
-        state = self.models[name]
-        state.status, state.loaded_at = "resident", self.clock()
-        state.last_used = max(state.last_used, state.loaded_at)
-        if result.size and not self.backend.models[name].size:
-            state.size = result.size  # measured beats unknown; a configured size is the operator's word
-        log.info("loaded %s on %s in %.3f s (%s, from %s) %s", name, self.name, result.seconds, reason, source,
-                 {k: round(v, 3) for k, v in result.details.items()})
-        if self.metrics:
-            self.metrics.load_duration.labels(self.name, name, source).observe(result.seconds)
-            self.metrics.swaps.labels(self.name, name, reason, "ok").inc()
-        return self.clock() - started
 
     def _swap_failed(self, load: str | None, exc: Exception, reason: str) -> None:
         error = exc if isinstance(exc, WarmpoolError) else BackendError(self.name, f"swap failed: {exc}")
         log.warning("swap on %s to %s failed: %s", self.name, load, error.message)
         if load is None:
             return
-        self.models[load].status = "absent"
-        self.unload_requested.discard(load)
-        if self.metrics:
-            self.metrics.swaps.labels(self.name, load, reason, "error").inc()
+        self.steps.load_failed(load, reason)
         for waiter_id, (waiter, _) in list(self.waiters.items()):
             if waiter.model == load:
                 self._fail(waiter_id, error)
@@ -322,8 +319,7 @@ class Pool:
     def _finish_swap(self, record: SwapRecord) -> None:
         self.epoch += 1
         self.history = [*self.history[-(SWAP_HISTORY - 1):], record]
-        if self.metrics and record.ok and record.model:
-            self.metrics.swap_duration.labels(self.name, record.model, record.source).observe(record.seconds)
+        self.steps.finished(record)
         self.swap_task, self.swap_target, self.swap_source = None, None, None
         self.replan()  # grants the waiters
         self._tell_if_idle()
@@ -413,8 +409,13 @@ class Pool:
         }
 
 
-async def _unknown_source(model: str) -> str:
-    return "unknown"
+async def _granted(future: asyncio.Future[None], every: float, tick: Callable[[], Awaitable[object]] | None) -> None:
+    """Until `future` is resolved (raising its error), awaiting `tick` every `every` seconds meanwhile."""
+    if tick is None:
+        return await future
+    while not (await asyncio.wait({future}, timeout=every))[0]:
+        await tick()
+    return future.result()
 
 
 def _model_snapshot(m: ModelState) -> dict[str, Any]:
@@ -432,11 +433,10 @@ def _swap_snapshot(r: SwapRecord) -> dict[str, Any]:
 class Scheduler:
     """All pools, by backend name; the proxy asks it for leases by model."""
 
-    def __init__(self, backends: dict[str, Backend], cfg: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, backends: dict[str, Backend], cfg: Config, metrics: Metrics | None = None,
+                 hooks: PoolHooks | None = None) -> None:
         self.cfg = cfg
-        self.pools = {name: Pool(b, cfg, metrics) for name, b in backends.items()}
-        for name, backend in backends.items():
-            backend.on_lost = self.pools[name].mark_lost
+        self.pools = {name: Pool(b, cfg, metrics, hooks) for name, b in backends.items()}
 
     def pool_of(self, model: str) -> Pool:
         return self.pools[self.cfg.models[model].backend]
