@@ -10,9 +10,10 @@ BIN := $(VENV)/bin
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 export CMAKE_ARGS
 
-# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard) and
-# openssl (a certificate for the HTTPS upstream test).
-SYSTEM_TOOLS := chromium prometheus openssl
+# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard),
+# openssl (a certificate for the HTTPS upstream test), HAProxy (three hosts in network namespaces behind it)
+# and nginx (its configuration check).
+SYSTEM_TOOLS := chromium prometheus openssl haproxy nginx
 
 .PHONY: serve test lint bench clean system-deps
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -23,7 +24,7 @@ FAVICON = Path(__file__).with_name("static") / "favicon.svg"
 
 
 def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
-               metrics: Metrics, tier: RamTier | None = None) -> None:
+               metrics: Metrics, tier: RamTier | None = None, draining: Callable[[], bool] = lambda: False) -> None:
     admin_keys = [k.encode() for k in cfg.auth.admin_keys]
     health = BackendHealth(backends)
 
@@ -31,6 +32,8 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        if draining():  # shutting down: a balancer or Kubernetes stops sending new requests here
+            return web.json_response({"status": "draining"}, status=503)
         waiting = [b.name for b in backends.values() if not b.healthy_once]
         if waiting:
             return web.json_response({"status": "waiting", "backends_not_answered": waiting}, status=503)

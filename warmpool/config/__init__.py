@@ -8,6 +8,7 @@ from warmpool.config.model import (
     AuthConfig,
     BackendConfig,
     BackendKind,
+    BalancerConfig,
     Config,
     LlamaCppModel,
     LogConfig,
@@ -23,8 +24,8 @@ from warmpool.config.redact import redacted
 from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
-    "AuthConfig", "BackendConfig", "BackendKind", "Config", "LlamaCppModel", "LogConfig", "MemoryAmount",
-    "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig",
-    "config_from_mapping", "config_warnings", "discover_config_path", "load_config", "parse_duration", "parse_size",
-    "redacted",
+    "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "Config", "LlamaCppModel", "LogConfig",
+    "MemoryAmount", "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy",
+    "TimeoutsConfig", "config_from_mapping", "config_warnings", "discover_config_path", "load_config",
+    "parse_duration", "parse_size", "redacted",
 ]
