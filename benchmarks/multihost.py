@@ -170,15 +170,21 @@ async def kill_mid_run(http: aiohttp.ClientSession, fab: mh.Fabric, args: argpar
     agents = plan(args, args.seed + 1)
     before = haproxy.backend()
     outcomes: list[mh.Outcome] = []
+    loads_at_start = {h.name: await mh.loads(http, h) for h in fab.hosts}
+    loads_at_kill: dict[str, int] = {}
 
     async def kill() -> tuple[mh.Host, dict[str, Any], float]:
         victim, view = await when_streaming(http, fab.hosts, outcomes, sum(map(len, agents)) // 3)
+        loads_at_kill.update({h.name: await mh.loads(http, h) for h in fab.hosts})
         victim.warmpool.signal(signal.SIGKILL)
         return victim, view, time.monotonic()
 
     wall, (victim, view, killed_at) = await with_event(run_agents(http, haproxy.url, agents, args, outcomes), kill)
     after = haproxy.backend()
-    run = Run("host killed", outcomes, 0, wall, [h.name for h in fab.hosts])
+    survivors = [h for h in fab.hosts if h is not victim]
+    loads_after = sum([await mh.loads(http, h) - loads_at_kill[h.name] for h in survivors])
+    loads_before = sum(loads_at_kill[name] - loads_at_start[name] for name in loads_at_start)
+    run = Run("host killed", outcomes, loads_before + loads_after, wall, [h.name for h in fab.hosts])
     running = {n: m["inflight"] for n, m in view["models"].items() if m["inflight"]}
     queued = {n: m["queued"] for n, m in view["models"].items() if m["queued"]}
     homed = [model for model, home in haproxy.place.homes.items() if home == victim.name]
@@ -187,6 +193,7 @@ async def kill_mid_run(http: aiohttp.ClientSession, fab: mh.Fabric, args: argpar
                      f"{running} and {sum(queued.values())} request(s) queued {queued or ''}".rstrip())
     run.notes.append(f"HAProxy retried {int(after['wretr']) - int(before['wretr'])} and redispatched "
                      f"{int(after['wredis']) - int(before['wredis'])} request(s)")
+    run.notes.append(f"model loads: {loads_before} before the kill, {loads_after} on the survivors after it")
     for name, model in view["models"].items():
         if model["state"] in ("resident", "loading"):
             later = [o for o in outcomes if o.started > killed_at and mh.PHASES.get(o.phase or "") == name]
