@@ -289,8 +289,10 @@ async def bench(args: argparse.Namespace) -> int:
             hashing = await measure(http, f"consistent hashing alone (factor {SHIPPED_FACTOR}, no homes)",
                                     await start_haproxy(fab, replace(place, homes={})), "warmpool_hosts",
                                     fab.hosts, agents, args)
-            haproxy = await start_haproxy(fab, place)
-            shipped = await measure(http, f"as shipped: homes (home max {SHIPPED_HOME_MAX}), then hashing",
+            haproxy = await start_haproxy(fab, place, args.home_max)
+            label = "as shipped" if args.home_max is None else "WARMPOOL_HOME_MAX changed"
+            home_max = args.home_max or SHIPPED_HOME_MAX
+            shipped = await measure(http, f"{label}: homes (home max {home_max}), then hashing",
                                     haproxy, "warmpool_hosts", fab.hosts, agents, args)
             rr = await measure(http, "round robin", haproxy, "warmpool_rr", fab.hosts, agents, args)
             await reset(http, fab.hosts)
@@ -310,7 +312,7 @@ async def bench(args: argparse.Namespace) -> int:
     for run in (hashing, shipped, rr):
         print(f"  {run.label}: {run.placement()}")
     away = Counter(shipped.model_of(o) for o in shipped.outcomes if o.host != place.homes.get(shipped.model_of(o)))
-    print(f"  as shipped, requests served away from their model's home: {sum(away.values())} "
+    print(f"  {shipped.label}: requests served away from their model's home: {sum(away.values())} "
           f"{dict(away) if away else ''}".rstrip())
     for run in (killed, graceful):
         if run.notes or run.failed():
@@ -322,9 +324,10 @@ async def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-async def start_haproxy(fab: mh.Fabric, place: mh.Placement) -> mh.HAProxy:
-    """HAProxy as shipped with `place`'s maps, once it sees every host up."""
-    haproxy = fab.start_haproxy(place)
+async def start_haproxy(fab: mh.Fabric, place: mh.Placement, home_max: int | None = None) -> mh.HAProxy:
+    """HAProxy as shipped with `place`'s maps (and another WARMPOOL_HOME_MAX if given), once it sees every
+    host up."""
+    haproxy = fab.start_haproxy(place, home_max=home_max)
     for backend in ("warmpool_hosts", "warmpool_rr"):
         await mh.wait_haproxy_sees(haproxy, {h.name: "UP" for h in fab.hosts}, backend=backend)
     return haproxy
@@ -343,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--token-delay", type=float, default=0.02, help="emulator seconds per token")
     add("--load-seconds-per-gb", type=float, default=0.8, help="emulator load time per GB (models are 1 GB)")
     add("--hang-after", type=float, default=60.0, help="seconds after which a request counts as hung")
+    add("--home-max", type=int, help="WARMPOOL_HOME_MAX for the homes run, the kill and the stop (default: as "
+                                     f"shipped, {SHIPPED_HOME_MAX})")
     add("--quick", action="store_true", help="3 agents x 2 rounds")
     args = parser.parse_args(argv)
     if args.quick:
