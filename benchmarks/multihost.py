@@ -2,16 +2,19 @@
 killed and a host stopped gracefully, in one run.
 
 Each host is a network namespace with its own address, its own Ollama emulator and its own warmpool
-(`max_resident: 1`, agent-check responder on); HAProxy runs deploy/haproxy/haproxy.cfg as shipped, plus a
-round-robin frontend over the same three hosts (tests/multihost.py has the harness). The workload is
-benchmarks/phases.py's agents: each loops context -> execution -> verification (sometimes debugging), a
-streamed OpenAI chat per step with a short think time, fixed by --seed; context is served by planner,
-execution and debugging by coder, verification by reviewer (the map HAProxy hashes on says the same).
+(`max_resident: 1`, agent-check responder on); HAProxy runs deploy/haproxy/haproxy.cfg as shipped, with the
+maps deploy/haproxy/placement.py writes for the hosts' configuration (no expected loads given: every model
+counts the same), plus a round-robin frontend over the same three hosts (tests/multihost.py has the
+harness). The workload is benchmarks/phases.py's agents: each loops context -> execution -> verification
+(sometimes debugging), a streamed OpenAI chat per step with a short think time, fixed by --seed; context is
+served by planner, execution and debugging by coder, verification by reviewer.
 
-  1. affinity without the bounded load (hash-balance-factor 0), affinity as shipped (150), then round robin,
-     each from hosts with nothing loaded and at full weight: model loads over all hosts
-     (warmpool_swaps_total), time to first token p50/p95 at the client, requests per host, and where each
-     model's requests went. The targets are judged on the shipped configuration.
+  1. consistent hashing alone (the same file with an empty homes map: the configuration shipped before
+     homes), as shipped (each model to its home host, bounded by WARMPOOL_HOME_MAX, consistent hashing
+     for the rest), then round robin, each from hosts with nothing loaded and at full weight: model loads
+     over all hosts (warmpool_swaps_total), time to first token p50/p95 at the client, requests per host,
+     the most requests HAProxy had running on one host at once, and where each model's requests went. The
+     targets are judged on the shipped configuration.
   2. host killed: the affinity workload again (its own seed); once a third of its requests are done and a
      host has a stream running, that host's warmpool gets SIGKILL. Every request must end complete or
      with an error the client sees (an HTTP error, an error event or a cut stream), none may hang; the
@@ -37,7 +40,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,7 @@ import phases  # benchmarks/phases.py, beside this script: the agents' workload
 from tests import multihost as mh
 
 SHIPPED_FACTOR = 150  # hash-balance-factor in deploy/haproxy/haproxy.cfg
-MODELS_MAP = {**mh.PHASES, **{model: model for model in mh.UPSTREAM}}  # every name -> the model serving it
+SHIPPED_HOME_MAX = 4  # WARMPOOL_HOME_MAX's default there
 
 
 @dataclass
@@ -62,6 +65,10 @@ class Run:
     wall: float
     hosts: list[str]
     notes: list[str] = field(default_factory=list)
+    most_at_once: dict[str, int] = field(default_factory=dict)  # HAProxy's smax per host
+
+    def model_of(self, outcome: mh.Outcome) -> str:
+        return mh.PHASES.get(outcome.phase or "", outcome.phase or "-")
 
     def ttfts(self) -> list[float]:
         return [o.ttft for o in self.outcomes if o.complete and o.ttft is not None]
@@ -83,7 +90,7 @@ class Run:
         """Where each model's requests went: "planner gpu3 20, gpu2 7; ..."."""
         by_model: dict[str, Counter[str]] = {}
         for o in self.outcomes:
-            by_model.setdefault(mh.PHASES.get(o.phase or "", o.phase or "-"), Counter())[o.host or "-"] += 1
+            by_model.setdefault(self.model_of(o), Counter())[o.host or "-"] += 1
         return "; ".join(f"{model} " + ", ".join(f"{host} {n}" for host, n in hosts.most_common())
                          for model, hosts in sorted(by_model.items()))
 
@@ -126,13 +133,17 @@ async def reset(http: aiohttp.ClientSession, hosts: list[mh.Host]) -> None:
     await mh.until("hosts idle at full weight", settled, timeout=120, interval=1.0)
 
 
-async def measure(http: aiohttp.ClientSession, label: str, base: str, hosts: list[mh.Host],
+async def measure(http: aiohttp.ClientSession, label: str, haproxy: mh.HAProxy, backend: str, hosts: list[mh.Host],
                   agents: list[tuple[phases.Step, ...]], args: argparse.Namespace) -> Run:
+    """One routing from a clean start: `backend` is warmpool_hosts (the shipped one) or warmpool_rr."""
     await reset(http, hosts)
     before = await total_loads(http, hosts)
     outcomes: list[mh.Outcome] = []
+    base = haproxy.rr_url if backend == "warmpool_rr" else haproxy.url
     wall = await run_agents(http, base, agents, args, outcomes)
-    return Run(label, outcomes, await total_loads(http, hosts) - before, wall, [h.name for h in hosts])
+    run = Run(label, outcomes, await total_loads(http, hosts) - before, wall, [h.name for h in hosts])
+    run.most_at_once = {name: int(s["smax"]) for name, s in haproxy.servers(backend).items()}
+    return run
 
 
 async def when_streaming(http: aiohttp.ClientSession, hosts: list[mh.Host], outcomes: list[mh.Outcome],
@@ -159,21 +170,30 @@ async def kill_mid_run(http: aiohttp.ClientSession, fab: mh.Fabric, args: argpar
     agents = plan(args, args.seed + 1)
     before = haproxy.backend()
     outcomes: list[mh.Outcome] = []
+    loads_at_start = {h.name: await mh.loads(http, h) for h in fab.hosts}
+    loads_at_kill: dict[str, int] = {}
 
     async def kill() -> tuple[mh.Host, dict[str, Any], float]:
         victim, view = await when_streaming(http, fab.hosts, outcomes, sum(map(len, agents)) // 3)
+        loads_at_kill.update({h.name: await mh.loads(http, h) for h in fab.hosts})
         victim.warmpool.signal(signal.SIGKILL)
         return victim, view, time.monotonic()
 
     wall, (victim, view, killed_at) = await with_event(run_agents(http, haproxy.url, agents, args, outcomes), kill)
     after = haproxy.backend()
-    run = Run("host killed", outcomes, 0, wall, [h.name for h in fab.hosts])
+    survivors = [h for h in fab.hosts if h is not victim]
+    loads_after = sum([await mh.loads(http, h) - loads_at_kill[h.name] for h in survivors])
+    loads_before = sum(loads_at_kill[name] - loads_at_start[name] for name in loads_at_start)
+    run = Run("host killed", outcomes, loads_before + loads_after, wall, [h.name for h in fab.hosts])
     running = {n: m["inflight"] for n, m in view["models"].items() if m["inflight"]}
     queued = {n: m["queued"] for n, m in view["models"].items() if m["queued"]}
-    run.notes.append(f"killed {victim.name}'s warmpool with {sum(running.values())} stream(s) running "
+    homed = [model for model, home in haproxy.place.homes.items() if home == victim.name]
+    run.notes.append(f"killed {victim.name}'s warmpool (home of {', '.join(homed) or 'no model'}) with "
+                     f"{sum(running.values())} stream(s) running "
                      f"{running} and {sum(queued.values())} request(s) queued {queued or ''}".rstrip())
     run.notes.append(f"HAProxy retried {int(after['wretr']) - int(before['wretr'])} and redispatched "
                      f"{int(after['wredis']) - int(before['wredis'])} request(s)")
+    run.notes.append(f"model loads: {loads_before} before the kill, {loads_after} on the survivors after it")
     for name, model in view["models"].items():
         if model["state"] in ("resident", "loading"):
             later = [o for o in outcomes if o.started > killed_at and mh.PHASES.get(o.phase or "") == name]
@@ -216,18 +236,20 @@ def seconds(value: float | None) -> str:
 
 def routing_table(runs: list[Run]) -> list[str]:
     lines = ["| routing | model loads | TTFT p50 | TTFT p95 | requests per host | busiest / fair share | "
-             "failed | wall |", "|---|---|---|---|---|---|---|---|"]
+             "most at once per host | failed | wall |", "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         counts = run.per_host()
         share, name = run.max_share()
         lines.append(f"| {run.label} | {run.loads} | {seconds(mh.percentile(run.ttfts(), 50))} | "
                      f"{seconds(mh.percentile(run.ttfts(), 95))} | "
                      f"{' / '.join(str(counts.get(h, 0)) for h in run.hosts)} | {share:.2f}x ({name}) | "
+                     f"{' / '.join(str(run.most_at_once.get(h, '-')) for h in run.hosts)} | "
                      f"{len(run.failed())} of {len(run.outcomes)} | {run.wall:.1f} s |")
     return lines
 
 
 def target_rows(affinity: Run, rr: Run, killed: Run, graceful: Run, factor: float) -> list[str]:
+    """The issue's targets, judged on the shipped routing (`affinity`) against round robin."""
     ratio = affinity.loads / rr.loads if rr.loads else float("inf")
     p95 = (mh.percentile(affinity.ttfts(), 95), mh.percentile(rr.ttfts(), 95))
     share, name = affinity.max_share()
@@ -260,15 +282,19 @@ async def bench(args: argparse.Namespace) -> int:
         emulation = mh.Emulation(load_seconds_per_gb=args.load_seconds_per_gb, token_delay=args.token_delay)
         for host in fab.hosts:
             fab.start_host(host, emulation)
+        place = mh.placement(fab.hosts)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             await mh.wait_hosts_ready(http, fab.hosts)
             agents = plan(args, args.seed)
-            unbounded = await measure(http, "affinity, no bounded load (factor 0)",
-                                      (await start_haproxy(fab, 0)).url, fab.hosts, agents, args)
-            haproxy = await start_haproxy(fab, None)
-            affinity = await measure(http, f"affinity as shipped (hash-balance-factor {SHIPPED_FACTOR})",
-                                     haproxy.url, fab.hosts, agents, args)
-            rr = await measure(http, "round robin", haproxy.rr_url, fab.hosts, agents, args)
+            hashing = await measure(http, f"consistent hashing alone (factor {SHIPPED_FACTOR}, no homes)",
+                                    await start_haproxy(fab, replace(place, homes={})), "warmpool_hosts",
+                                    fab.hosts, agents, args)
+            haproxy = await start_haproxy(fab, place, args.home_max)
+            label = "as shipped" if args.home_max is None else "WARMPOOL_HOME_MAX changed"
+            home_max = args.home_max or SHIPPED_HOME_MAX
+            shipped = await measure(http, f"{label}: homes (home max {home_max}), then hashing",
+                                    haproxy, "warmpool_hosts", fab.hosts, agents, args)
+            rr = await measure(http, "round robin", haproxy, "warmpool_rr", fab.hosts, agents, args)
             await reset(http, fab.hosts)
             killed, victim = await kill_mid_run(http, fab, args)
             survivors = [h for h in fab.hosts if h is not victim]
@@ -276,13 +302,18 @@ async def bench(args: argparse.Namespace) -> int:
     requests = sum(map(len, agents))
     print(f"\n{args.agents} agents x {args.rounds} rounds ({requests} streamed chats per run, seed {args.seed}), "
           f"3 hosts, max_resident 1, emulated loads {args.load_seconds_per_gb:g} s per GB (1 GB models), "
-          f"{args.max_tokens} tokens at {args.token_delay * 1000:g} ms\n")
-    print("\n".join(routing_table([unbounded, affinity, rr])))
+          f"{args.max_tokens} tokens at {args.token_delay * 1000:g} ms")
+    print("homes (deploy/haproxy/placement.py, every model counting the same): "
+          + ", ".join(f"{model} {host}" for model, host in place.homes.items()) + "\n")
+    print("\n".join(routing_table([hashing, shipped, rr])))
     print()
-    print("\n".join(target_rows(affinity, rr, killed, graceful, SHIPPED_FACTOR / 100)))
+    print("\n".join(target_rows(shipped, rr, killed, graceful, SHIPPED_FACTOR / 100)))
     print("\nwhere each model's requests went:")
-    for run in (unbounded, affinity, rr):
+    for run in (hashing, shipped, rr):
         print(f"  {run.label}: {run.placement()}")
+    away = Counter(shipped.model_of(o) for o in shipped.outcomes if o.host != place.homes.get(shipped.model_of(o)))
+    print(f"  {shipped.label}: requests served away from their model's home: {sum(away.values())} "
+          f"{dict(away) if away else ''}".rstrip())
     for run in (killed, graceful):
         if run.notes or run.failed():
             print(f"\n{run.label}:")
@@ -293,9 +324,10 @@ async def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-async def start_haproxy(fab: mh.Fabric, factor: int | None) -> mh.HAProxy:
-    """HAProxy as shipped, or with another hash-balance-factor, once it sees every host up."""
-    haproxy = fab.start_haproxy(MODELS_MAP, factor)
+async def start_haproxy(fab: mh.Fabric, place: mh.Placement, home_max: int | None = None) -> mh.HAProxy:
+    """HAProxy as shipped with `place`'s maps (and another WARMPOOL_HOME_MAX if given), once it sees every
+    host up."""
+    haproxy = fab.start_haproxy(place, home_max=home_max)
     for backend in ("warmpool_hosts", "warmpool_rr"):
         await mh.wait_haproxy_sees(haproxy, {h.name: "UP" for h in fab.hosts}, backend=backend)
     return haproxy
@@ -314,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--token-delay", type=float, default=0.02, help="emulator seconds per token")
     add("--load-seconds-per-gb", type=float, default=0.8, help="emulator load time per GB (models are 1 GB)")
     add("--hang-after", type=float, default=60.0, help="seconds after which a request counts as hung")
+    add("--home-max", type=int, help="WARMPOOL_HOME_MAX for the homes run, the kill and the stop (default: as "
+                                     f"shipped, {SHIPPED_HOME_MAX})")
     add("--quick", action="store_true", help="3 agents x 2 rounds")
     args = parser.parse_args(argv)
     if args.quick:

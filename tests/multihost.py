@@ -6,8 +6,9 @@ pair, with its own address on a private /24 picked so it collides with no route 
 run the host's own Ollama emulator (on the namespace's loopback, as Ollama listens by default) and its own
 warmpool (`max_resident: 1`, listening on the host's address, with the agent-check responder), both with
 `ip netns exec`. HAProxy runs in the root namespace with deploy/haproxy/haproxy.cfg as shipped (its
-"${NAME-default}" values set from the environment) plus a second file that adds a round-robin frontend
-over the same hosts, so both routings go through one HAProxy. Everything made is undone by `close()`,
+"${NAME-default}" values set from the environment, its two maps written by deploy/haproxy/placement.py's
+functions from the hosts' warmpool configuration: `placement`) plus a second file that adds a round-robin
+frontend over the same hosts, so both routings go through one HAProxy. Everything made is undone by `close()`,
 which the users call in a `finally`: processes (by their ids), veths, the bridge, the namespaces.
 
 Clients stream OpenAI chat completions through HAProxy and classify each answer (`Outcome`): complete
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import csv
 import ctypes
+import importlib.util
 import io
 import ipaddress
 import json
@@ -33,17 +35,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from warmpool.config import config_from_mapping
+
 REPO = Path(__file__).resolve().parents[1]
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+PLACEMENT_PY = REPO / "deploy" / "haproxy" / "placement.py"
 WARMPOOL_PORT = 11435
 AGENT_PORT = 9100
 OLLAMA_PORT = 11434
@@ -173,6 +179,32 @@ class Emulation:
     token_delay: float = 0.01
 
 
+def placement_module() -> ModuleType:
+    """deploy/haproxy/placement.py, a script outside any package, loaded from its path."""
+    spec = importlib.util.spec_from_file_location("warmpool_deploy_placement", PLACEMENT_PY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What HAProxy's two maps say: client name -> model (the hash key), and model -> home host."""
+
+    names: dict[str, str]
+    homes: dict[str, str]
+
+
+def placement(hosts: list[Host], loads: Mapping[str, float] | None = None) -> Placement:
+    """The maps deploy/haproxy/placement.py writes for these hosts' warmpool configuration (every host
+    runs the same one) and the expected loads given (a model's or phase's name -> load)."""
+    place = placement_module()
+    cfg = config_from_mapping(hosts[0].config(), env={}, source="<multihost>")
+    return Placement(place.client_names(cfg), place.homes(place.expected_loads(cfg, loads or {}),
+                                                           [h.name for h in hosts]))
+
+
 class Fabric:
     """The bridge, the hosts' namespaces and veths, their processes, and HAProxy in front."""
 
@@ -229,13 +261,15 @@ class Fabric:
         path.write_text(yaml.safe_dump(host.config()))
         self.spawn(host, "warmpool", [sys.executable, "-m", "warmpool", "serve", "--config", str(path)])
 
-    def start_haproxy(self, models_map: dict[str, str], balance_factor: int | None = None) -> HAProxy:
-        """HAProxy in front of the hosts (stopping the one started before, if any); `balance_factor` replaces
-        the shipped hash-balance-factor (0: no bound)."""
+    def start_haproxy(self, place: Placement, balance_factor: int | None = None,
+                      home_max: int | None = None) -> HAProxy:
+        """HAProxy in front of the hosts (stopping the one started before, if any) with `place`'s maps (no
+        homes: consistent hashing alone); `balance_factor` replaces the shipped hash-balance-factor (0: no
+        bound), `home_max` the shipped WARMPOOL_HOME_MAX."""
         if self.haproxy is not None:
             self.haproxy.child.stop()
-        self.haproxy = HAProxy(self.workdir / f"haproxy{len(self._haproxies)}", self.hosts, models_map,
-                               balance_factor)
+        self.haproxy = HAProxy(self.workdir / f"haproxy{len(self._haproxies)}", self.hosts, place,
+                               balance_factor, home_max)
         self._haproxies.append(self.haproxy)
         return self.haproxy
 
@@ -323,12 +357,14 @@ backend warmpool_rr
 class HAProxy:
     """Debian's haproxy with the shipped configuration, in the foreground, its admin socket kept at hand."""
 
-    def __init__(self, workdir: Path, hosts: list[Host], models_map: dict[str, str],
-                 balance_factor: int | None = None) -> None:
+    def __init__(self, workdir: Path, hosts: list[Host], place: Placement, balance_factor: int | None = None,
+                 home_max: int | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = workdir / "admin.sock"
-        models = workdir / "warmpool-models.map"
-        models.write_text("".join(f"{key} {value}\n" for key, value in models_map.items()))
+        self.place = place
+        models, homes = workdir / "warmpool-models.map", workdir / "warmpool-homes.map"
+        models.write_text("".join(f"{key} {value}\n" for key, value in place.names.items()))
+        homes.write_text("".join(f"{key} {value}\n" for key, value in place.homes.items()))
         rr = workdir / "roundrobin.cfg"
         rr.write_text(ROUND_ROBIN_CFG + "".join(
             f'    server {h.name} "{h.address}:{WARMPOOL_PORT}"\n' for h in hosts))
@@ -336,11 +372,14 @@ class HAProxy:
         env = {**child_env(), "WARMPOOL_BIND": f"127.0.0.1:{self.port}",
                "WARMPOOL_RR_BIND": f"127.0.0.1:{self.rr_port}",
                "WARMPOOL_HAPROXY_SOCKET": str(self.socket), "WARMPOOL_MODELS_MAP": str(models),
+               "WARMPOOL_HOMES_MAP": str(homes),
                "WARMPOOL_HAPROXY_STATS": f"127.0.0.1:{stats}", "WARMPOOL_CHECK_INTER": CHECK_INTER,
                "WARMPOOL_AGENT_PORT": str(AGENT_PORT),
                **{f"WARMPOOL_{h.name.upper()}": f"{h.address}:{WARMPOOL_PORT}" for h in hosts}}
         if balance_factor is not None:
             env["WARMPOOL_HASH_BALANCE_FACTOR"] = str(balance_factor)
+        if home_max is not None:
+            env["WARMPOOL_HOME_MAX"] = str(home_max)
         self.balance_factor = 150 if balance_factor is None else balance_factor
         self.child = Child("haproxy", ["haproxy", "-db", "-f", str(HAPROXY_CFG), "-f", str(rr)],
                            workdir / "haproxy.log", env)

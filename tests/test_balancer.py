@@ -53,7 +53,7 @@ def test_load_window_keeps_only_the_last_samples() -> None:
 
 def test_agent_lines_follow_haproxy_agent_check_words() -> None:
     assert agent_line(False, 75) == b"up ready 75%\n"  # "ready" undoes a drain the agent set earlier
-    assert agent_line(True, 75) == b"drain\n"
+    assert agent_line(True, 75) == b"drain 0%\n"
 
 
 # -- a real warmpool ----------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ async def test_sigterm_says_drain_at_once_and_serves_until_the_listener_closes()
     async with host(balancer={"drain_delay": "1.5s"}) as h:
         assert (await h.chat("planner"))[0] == 200
         h.stop()  # what SIGTERM does (the serve() trigger returns)
-        await eventually(lambda: _agent_is(h, b"drain\n"), timeout=5)
+        await eventually(lambda: _agent_is(h, b"drain 0%\n"), timeout=5)
         async with h.http.get(h.url + "/readyz") as r:
             assert (r.status, await r.json()) == (503, {"status": "draining"})
         # Still within the drain delay: a request that reaches this host now is served, not refused.

@@ -43,7 +43,8 @@ def haproxy_check(cfg: Path, env: dict[str, str] | None = None) -> subprocess.Co
 
 def shipped_haproxy_env(tmp_path: Path) -> dict[str, str]:
     return {"WARMPOOL_HAPROXY_SOCKET": str(tmp_path / "admin.sock"),
-            "WARMPOOL_MODELS_MAP": str(DEPLOY / "haproxy" / "warmpool-models.map")}
+            "WARMPOOL_MODELS_MAP": str(DEPLOY / "haproxy" / "warmpool-models.map"),
+            "WARMPOOL_HOMES_MAP": str(DEPLOY / "haproxy" / "warmpool-homes.map")}
 
 
 # -- HAProxy ----------------------------------------------------------------------------------------------
@@ -61,8 +62,15 @@ def test_haproxy_check_catches_a_broken_copy(tmp_path: Path) -> None:
     assert haproxy_check(broken, shipped_haproxy_env(tmp_path)).returncode != 0
 
 
-def test_haproxy_routes_by_model_with_bounded_load_agent_health_and_retries() -> None:
-    backend = "\n".join(routing_lines(section(HAPROXY_CFG.read_text(), "backend warmpool_hosts")))
+def test_haproxy_sends_each_model_home_then_hashes_with_bounded_load_agent_health_and_retries() -> None:
+    text = section(HAPROXY_CFG.read_text(), "backend warmpool_hosts")
+    backend = "\n".join(routing_lines(text))
+    servers = re.findall(r"^\s*server (\S+) ", text, re.MULTILINE)
+    assert servers == ["gpu1", "gpu2", "gpu3"]
+    for name in servers:  # one home rule per server, naming it in all four places
+        assert (f"use-server {name} if {{ var(txn.wp_home) -m str {name} }} {{ srv_weight({name}) gt 0 }} "
+                f"{{ srv_conn({name}) lt 4 }}") in backend
+    assert "http-request set-var(txn.wp_home) var(txn.wp_model),map(FILE)" in backend
     for line in ("balance hash var(txn.wp_model)", "hash-type consistent", "hash-balance-factor 150",
                  "option httpchk GET /readyz", "option redispatch 1", "retry-on conn-failure empty-response 503",
                  "option http-buffer-request", "option http-no-delay"):
@@ -71,12 +79,13 @@ def test_haproxy_routes_by_model_with_bounded_load_agent_health_and_retries() ->
     assert "req.hdr(X-Warmpool-Phase)" in backend and "json_query('$.model')" in backend
 
 
-def test_the_kubernetes_haproxy_routes_like_the_shipped_one(tmp_path: Path) -> None:
-    """One routing policy: the ConfigMap's backend is the shipped one but for how servers are found."""
+def test_the_kubernetes_haproxy_routes_like_the_shipped_one_without_homes(tmp_path: Path) -> None:
+    """One routing policy: the ConfigMap's backend is the shipped one but for how servers are found, and
+    without the homes (server-template's slots are filled in DNS order, so a slot names no fixed node)."""
     config = configmap(K8S / "haproxy.yaml", "haproxy-config")
     shipped, k8s = (routing_lines(section(text, "backend warmpool_hosts"))
                     for text in (HAPROXY_CFG.read_text(), config["haproxy.cfg"]))
-    assert k8s == shipped
+    assert k8s == [line for line in shipped if "wp_home" not in line]
     for name, text in config.items():  # the map path as mounted -> this temporary copy
         (tmp_path / name).write_text(text.replace("/usr/local/etc/haproxy", str(tmp_path)))
     result = haproxy_check(tmp_path / "haproxy.cfg")

@@ -1,7 +1,9 @@
 """Three hosts for real: each a network namespace with its own address, Ollama emulator and warmpool
-(`max_resident: 1`), HAProxy with deploy/haproxy/haproxy.cfg in front (tests/multihost.py builds it all and
-takes it down, also when a test fails). The short version of benchmarks/multihost.py: placement by model,
-the agent check as HAProxy reads it, a host killed mid-stream and a host stopped gracefully.
+(`max_resident: 1`), HAProxy with deploy/haproxy/haproxy.cfg in front and the maps
+deploy/haproxy/placement.py makes for them (tests/multihost.py builds it all and takes it down, also when
+a test fails). The short version of benchmarks/multihost.py: each model on its home host, a busy home's
+overflow sent elsewhere, the agent check as HAProxy reads it, a home host killed mid-stream (its model
+moves to a survivor) and a home host stopped gracefully (it drains).
 
 Skipped, with the reason, only where network namespaces cannot be made (not root, no CAP_NET_ADMIN, no
 iproute2); HAProxy missing skips outside CI and fails under it.
@@ -14,6 +16,7 @@ import os
 import shutil
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -25,16 +28,8 @@ from tests import multihost as mh
 pytestmark = pytest.mark.timeout(240)
 
 TOKEN_DELAY = 0.03  # the emulators' seconds per token (an answer is 12 tokens)
-# The kill and stop tests put two requests on one host on purpose (a stream, and a request waiting behind
-# it). The bounded load as shipped would send the second one elsewhere while the other hosts are idle (it
-# bounds running requests per host at 1.5x the average, and with one running that allows one per host), so
-# those tests run HAProxy with the bound off; everything else in the configuration is as shipped. Their
-# streams are slow (0.25 s per token: 3 s), so they still run when the host dies or its drain delay ends.
-slow_and_unbounded = pytest.mark.multihost(balance_factor=0, token_delay=0.25)
-
-# Every name for a model hashes as that model; `debugger` is kept on coder's host (what the map is for),
-# so a debugger request waits on that host while a coder stream runs there (max_resident 1).
-MODELS_MAP = {**mh.PHASES, "debugger": "coder"}
+# The kill and stop tests keep streams running on a host while they act on it: 0.25 s per token (3 s).
+slow = pytest.mark.multihost(token_delay=0.25)
 
 
 def prerequisites() -> None:
@@ -51,8 +46,11 @@ def prerequisites() -> None:
 @pytest.fixture
 async def hosts(tmp_path: Path, request: pytest.FixtureRequest,
                 ) -> AsyncIterator[tuple[mh.Fabric, mh.HAProxy, aiohttp.ClientSession]]:
-    """The three hosts and HAProxy; `@pytest.mark.multihost(balance_factor=..., token_delay=...)` changes
-    HAProxy's hash-balance-factor and the emulators' speed."""
+    """The three hosts and HAProxy with the placement.py maps for them (every model counts the same, so
+    planner, coder and reviewer each get a host of their own), except that `debugger` is mapped to coder,
+    so a debugger request waits on coder's host while a coder stream runs there (max_resident 1).
+    `@pytest.mark.multihost(home_max=..., token_delay=...)` changes WARMPOOL_HOME_MAX and the emulators'
+    speed."""
     prerequisites()
     marker = request.node.get_closest_marker("multihost")
     settings = marker.kwargs if marker else {}
@@ -60,7 +58,9 @@ async def hosts(tmp_path: Path, request: pytest.FixtureRequest,
         for host in fab.hosts:
             fab.start_host(host, mh.Emulation(load_seconds_per_gb=0.3,
                                               token_delay=settings.get("token_delay", TOKEN_DELAY)))
-        haproxy = fab.start_haproxy(MODELS_MAP, settings.get("balance_factor"))
+        place = mh.placement(fab.hosts)
+        place = replace(place, names={**place.names, "debugger": "coder"})
+        haproxy = fab.start_haproxy(place, home_max=settings.get("home_max"))
         async with aiohttp.ClientSession() as http:
             await mh.wait_hosts_ready(http, fab.hosts)
             await mh.wait_haproxy_sees(haproxy, {h.name: "UP" for h in fab.hosts})
@@ -72,22 +72,31 @@ def host_named(fab: mh.Fabric, name: str | None) -> mh.Host:
     return next(h for h in fab.hosts if h.name == name)
 
 
-async def test_each_model_stays_on_one_host_and_haproxy_reads_each_agent(
+def home_of(fab: mh.Fabric, haproxy: mh.HAProxy, model: str) -> mh.Host:
+    return host_named(fab, haproxy.place.homes[model])
+
+
+async def test_each_model_is_served_by_its_home_host_and_haproxy_reads_each_agent(
         hosts: tuple[mh.Fabric, mh.HAProxy, aiohttp.ClientSession]) -> None:
     fab, haproxy, http = hosts
+    homes = {model: haproxy.place.homes[model] for model in ("planner", "coder", "reviewer")}
+    assert sorted(homes.values()) == ["gpu1", "gpu2", "gpu3"], homes  # one model per host, not by chance
     served: dict[str, set[str | None]] = {}
     for _ in range(3):
-        for phase in ("context", "execution", "verification"):
+        for phase in ("context", "execution", "verification", "debugging"):
             outcome = await mh.stream_chat(http, haproxy.url, phase, "hi", 4)
             assert outcome.complete, outcome
             served.setdefault(mh.PHASES[phase], set()).add(outcome.host)
-    assert all(len(where) == 1 for where in served.values()), served
-    for model, (where,) in served.items():
-        view = await mh.residency(http, host_named(fab, where))
-        assert view["models"][model]["state"] in ("resident", "cold")  # cold: another model evicted it since
-    # Bounded load: three coder streams at once do not all go to coder's host.
-    burst = await asyncio.gather(*(mh.stream_chat(http, haproxy.url, "execution", "burst", 50) for _ in range(3)))
-    assert all(o.complete for o in burst) and len({o.host for o in burst}) > 1, burst
+    # The body's model name and its upstream name reach the same home as the phase header.
+    for name in ("coder", "qwen2.5-coder:7b"):
+        outcome = await mh.stream_chat(http, haproxy.url, None, "hi", 4, model=name)
+        assert outcome.complete, outcome
+        served["coder"].add(outcome.host)
+    assert served == {model: {home} for model, home in homes.items()}, served
+    for model, home in homes.items():  # each host loaded its own model once and kept it
+        view = await mh.residency(http, host_named(fab, home))
+        assert view["models"][model]["state"] == "resident", (model, view)
+        assert await mh.loads(http, host_named(fab, home)) == 1
     # The same requests spread round robin reach every host.
     rr = {(await mh.stream_chat(http, haproxy.rr_url, "context", "hi", 4)).host for _ in range(3)}
     assert rr == {h.name for h in fab.hosts}
@@ -97,11 +106,29 @@ async def test_each_model_stays_on_one_host_and_haproxy_reads_each_agent(
         h.name: ("UP", "via agent : up", "L7OK") for h in fab.hosts}
 
 
-@slow_and_unbounded
-async def test_a_killed_host_cuts_its_streams_visibly_and_its_queued_requests_are_retried_elsewhere(
+@pytest.mark.multihost(home_max=2, token_delay=0.25)
+async def test_a_busy_home_sends_the_overflow_elsewhere_and_takes_its_model_back_when_free(
+        hosts: tuple[mh.Fabric, mh.HAProxy, aiohttp.ClientSession]) -> None:
+    """WARMPOOL_HOME_MAX (2 here) is the home's bound: with two coder streams running there, a third coder
+    request goes by bounded consistent hashing to another host; once the home is free again it takes
+    coder's requests again."""
+    fab, haproxy, http = hosts
+    home = home_of(fab, haproxy, "coder")
+    streams = [asyncio.create_task(mh.stream_chat(http, haproxy.url, "execution", "long", 12, hang_after=60))
+               for _ in range(2)]
+    await mh.until("two coder streams run at home", lambda: _model_is(http, home, "coder", "inflight", 2))
+    overflow = await mh.stream_chat(http, haproxy.url, "execution", "one more", 4, hang_after=60)
+    assert overflow.complete and overflow.host != home.name, overflow
+    assert [o.host for o in await asyncio.gather(*streams)] == [home.name] * 2
+    back = await mh.stream_chat(http, haproxy.url, "execution", "again", 4)
+    assert back.complete and back.host == home.name, back
+
+
+@slow
+async def test_a_killed_home_cuts_its_streams_visibly_its_queued_requests_are_retried_and_its_model_moves(
         hosts: tuple[mh.Fabric, mh.HAProxy, aiohttp.ClientSession]) -> None:
     fab, haproxy, http = hosts
-    victim = host_named(fab, (await mh.stream_chat(http, haproxy.url, "execution", "hi", 4)).host)
+    victim = home_of(fab, haproxy, "coder")
     stream = asyncio.create_task(mh.stream_chat(http, haproxy.url, "execution", "long", 12, hang_after=30))
     await mh.until("a coder stream runs", lambda: _model_is(http, victim, "coder", "inflight", 1))
     waiting = asyncio.create_task(mh.stream_chat(http, haproxy.url, None, "wait", 4, model="debugger", hang_after=30))
@@ -118,20 +145,25 @@ async def test_a_killed_host_cuts_its_streams_visibly_and_its_queued_requests_ar
     assert retried.complete and retried.host != victim.name, retried
     after = haproxy.backend()
     assert int(after["wretr"]) + int(after["wredis"]) > int(before["wretr"]) + int(before["wredis"])
-    # The killed host's model comes up on a survivor and stays there.
+    # The dead home's model comes up on a survivor and stays there (the home rule is skipped for a server
+    # that is down, and the hashing keeps the model on one host).
+    await mh.wait_haproxy_sees(haproxy, {victim.name: "DOWN"})
     again = [await mh.stream_chat(http, haproxy.url, "execution", "again", 4) for _ in range(3)]
     assert all(o.complete for o in again), again
     (survivor,) = {o.host for o in again}
     assert survivor != victim.name
     assert (await mh.residency(http, host_named(fab, survivor)))["models"]["coder"]["state"] == "resident"
-    await mh.wait_haproxy_sees(haproxy, {victim.name: "DOWN"})
+    # The other models stay at their homes.
+    for phase, model in (("context", "planner"), ("verification", "reviewer")):
+        outcome = await mh.stream_chat(http, haproxy.url, phase, "still home", 4)
+        assert outcome.complete and outcome.host == haproxy.place.homes[model], outcome
 
 
-@slow_and_unbounded
-async def test_a_graceful_stop_says_drain_before_it_closes_and_fails_no_request(
+@slow
+async def test_a_graceful_stop_of_a_home_says_drain_before_it_closes_and_fails_no_request(
         hosts: tuple[mh.Fabric, mh.HAProxy, aiohttp.ClientSession]) -> None:
     fab, haproxy, http = hosts
-    leaving = host_named(fab, (await mh.stream_chat(http, haproxy.url, "execution", "hi", 4)).host)
+    leaving = home_of(fab, haproxy, "coder")
     streams = [asyncio.create_task(mh.stream_chat(http, haproxy.url, "execution", "long", 12, hang_after=60))
                for _ in range(2)]
     await mh.until("two coder streams run", lambda: _model_is(http, leaving, "coder", "inflight", 2))
@@ -143,7 +175,8 @@ async def test_a_graceful_stop_says_drain_before_it_closes_and_fails_no_request(
     # Seen while the host still listens: the drain came before the listener closed.
     assert (await mh.get_json(http, leaving.url + "/healthz"))[0] == 200
     assert (await mh.get_json(http, leaving.url + "/readyz")) == (503, {"status": "draining"})
-    # New requests for its model now go elsewhere; the running streams and the waiting request all end well.
+    # New requests for its model now go elsewhere, though it is their home (the agent's "drain 0%" turned
+    # the home rule off); the running streams and the waiting request all end well.
     moved = await mh.stream_chat(http, haproxy.url, "execution", "new", 4)
     assert moved.complete and moved.host != leaving.name, moved
     outcomes = [*(await asyncio.gather(*streams)), await waiting]

@@ -7,6 +7,11 @@ words separated by spaces, tabs or commas and ended by CR or LF. "75%" sets the 
 share of its configured weight; "ready" cancels a DRAIN or MAINT state the agent set before; "drain"
 stops new requests reaching the server (running ones go on); "up" marks it up again where the health
 check agrees. Only the agent can undo what it set, so every answer but "drain" says "ready".
+
+A drain also says "0%": HAProxy's DRAIN state keeps serving requests routed by persistence, and a
+`use-server` rule counts as persistence (the manual, "agent-check", "drain"). No sample fetch shows the
+DRAIN state, but `srv_weight` shows the weight, so deploy/haproxy/haproxy.cfg sends a model to its home
+host only while that host's weight is above 0.
 """
 
 from __future__ import annotations
@@ -73,5 +78,5 @@ def weight_percent(load: HostLoad) -> int:
 
 
 def agent_line(draining: bool, weight: int) -> bytes:
-    """The agent-check answer: "drain" while shutting down, else up and ready at `weight` percent."""
-    return b"drain\n" if draining else f"up ready {weight}%\n".encode()
+    """The agent-check answer: "drain 0%" while shutting down, else up and ready at `weight` percent."""
+    return b"drain 0%\n" if draining else f"up ready {weight}%\n".encode()
