@@ -7,6 +7,7 @@ from warmpool.config.model import (
     AuthConfig,
     BackendConfig,
     BackendKind,
+    CommandModel,
     Config,
     LlamaCppModel,
     LogConfig,
@@ -22,7 +23,7 @@ from warmpool.config.redact import redacted
 from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
-    "AuthConfig", "BackendConfig", "BackendKind", "Config", "LlamaCppModel", "LogConfig", "MemoryAmount",
-    "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig",
+    "AuthConfig", "BackendConfig", "BackendKind", "CommandModel", "Config", "LlamaCppModel", "LogConfig",
+    "MemoryAmount", "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig",
     "config_from_mapping", "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
 ]
