@@ -10,17 +10,23 @@ BIN := $(VENV)/bin
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 export CMAKE_ARGS
 
-# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard) and
-# openssl (a certificate for the HTTPS upstream test).
-SYSTEM_TOOLS := chromium prometheus openssl
+# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard),
+# openssl (a certificate for the HTTPS upstream test), and cmake and g++ (to build llama-server).
+SYSTEM_TOOLS := chromium prometheus openssl cmake g++
 
-.PHONY: serve test lint bench clean system-deps
+.PHONY: serve test lint bench clean system-deps llama-server
 
 serve: $(VENV)/.installed-serve
 	$(BIN)/warmpool serve $(ARGS)
 
-test: $(VENV)/.installed-dev system-deps
+test: $(VENV)/.installed-dev system-deps llama-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# llama.cpp's llama-server for the `kind: command` tests, built once from the sources the llama-cpp-python
+# sdist vendors and cached under ~/.cache/warmpool (minutes the first time). Exit 2 means the sources could
+# not be had: the tests that need it then skip, saying why.
+llama-server: $(VENV)/.installed-dev system-deps
+	$(BIN)/python tests/build_llama_server.py || [ $$? -eq 2 ]
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check warmpool tests benchmarks
