@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from warmpool.backends import make_backend
 from warmpool.backends.command import CommandBackend
 from warmpool.backends.command_server import CommandServer, server_argv
 from warmpool.backends.slots import ContextStore, SlotFile, over_budget
-from warmpool.config import ModelConfig, config_from_mapping, redacted
+from warmpool.config import ModelConfig, config_from_mapping, load_config, redacted
 from warmpool.config.placeholders import fill, used
 from warmpool.errors import BackendUnavailable, ConfigError
 
@@ -145,6 +146,24 @@ def test_redacted_command_config_loads_back(tmp_path: Path) -> None:
     assert out["backends"]["cmd"]["context_budget"] == 2**30 and "spare" not in out["backends"]["cmd"]
     assert out["models"]["m"]["command"] == ["srv", "--port", "${PORT}", "--slot-save-path", "${SLOT_DIR}", "$${X}"]
     assert config_from_mapping(yaml.safe_load(yaml.safe_dump(out)), env={}) == cfg
+
+
+def test_the_examples_commented_command_sections_load(tmp_path: Path) -> None:
+    from tests.test_config import EXAMPLE, _uncomment
+
+    gguf = tmp_path / "qwen.gguf"
+    gguf.write_bytes(b"GGUF")
+    text = EXAMPLE.read_text().replace("~/models/qwen2.5-coder-7b-q4_k_m.gguf", str(gguf))
+    path = tmp_path / "full.yaml"
+    path.write_text(_uncomment(text, ("# cpp:", "# qwen-cpp:", "# qwen-vllm:")))
+    cfg = load_config(path, env={"LLAMA_CPP": "/opt/llama.cpp/build/bin"})
+    assert cfg.backends["cpp"].kind == "command" and cfg.backends["cpp"].context_budget == 4 * 2**30
+    cpp, vllm = cfg.models["qwen-cpp"].command, cfg.models["qwen-vllm"].command
+    assert cpp is not None and cpp.keeps_context and cpp.env == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert cpp.command[:3] == ("/opt/llama.cpp/build/bin/llama-server", "-m", "${GGUF}")
+    assert vllm is not None and vllm.command[2] == "${MODEL}" and not vllm.keeps_context
+    for key in ("context_dir", "context_budget", "command", "health", "env"):
+        assert re.search(rf"^\s*#?\s*{key}:", text, re.M), key
 
 
 # ---------------------------------------------------------------- the saved-slot store

@@ -193,3 +193,26 @@ async def test_llama_cpp_python_server_through_kind_command(warmpool_process: An
     assert ollama_reply.done
     assert len([p for p in psutil.Process(wp.proc.pid).children(recursive=True)
                 if "llama_cpp.server" in " ".join(p.cmdline())]) == 1
+
+
+async def test_a_slot_file_the_server_refuses_is_dropped_and_the_load_goes_on(
+        warmpool_process: Any, llama_server_bin: str, gguf_path: str, tmp_path: Path) -> None:
+    contexts = tmp_path / "contexts"
+    wp = warmpool_process({"backends": {"cmd": {"kind": "command", "context_dir": str(contexts)}},
+                           "models": {"planner": llama_server_model(llama_server_bin, gguf_path, slots=True)}})
+    await ask(wp, "planner", max_tokens=2)  # creates the model's slot directory
+    (directory,) = contexts.iterdir()
+    await wp_unload(wp, "planner")  # saves the slot
+    saved = directory / "slot0.bin"
+    assert saved.stat().st_size > 0
+    saved.write_bytes(b"not a llama.cpp state file")
+    reply = await ask(wp, "planner", max_tokens=2)  # the restore fails; the model serves anyway
+    assert reply["timings"]["cache_n"] == 0
+    assert not saved.exists() or saved.read_bytes() != b"not a llama.cpp state file"
+    assert any("could not restore" in line for line in wp.log), "".join(wp.log[-20:])
+
+
+async def wp_unload(wp: WarmpoolProcess, model: str) -> None:
+    async with aiohttp.ClientSession() as session, \
+            session.post(f"{wp.url}/warmpool/models/{model}/unload") as response:
+        assert response.status == 200, await response.text()

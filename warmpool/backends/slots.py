@@ -12,6 +12,7 @@ default). File names are warmpool's own (`slot<N>.bin`); no client-sent name or 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -121,7 +122,7 @@ async def slot_ids(session: aiohttp.ClientSession, backend: str, url: str, timeo
 
 async def _slot_action(session: aiohttp.ClientSession, backend: str, url: str, slot: int, action: str,
                        filename: str, timeout: float) -> dict[str, Any]:
-    body = f'{{"filename": "{filename}"}}'.encode()  # filename is slot<N>.bin: nothing to escape
+    body = json.dumps({"filename": filename}).encode()
     response = await send(session, backend, "POST", f"{url}/slots/{slot}?action={action}",
                           {"Content-Type": "application/json"}, body, timeout)
     answer = await read_json(response, backend)
