@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from warmpool.backends.base import Backend, LoadResult, ResidentModel
-from warmpool.backends.command_server import CommandServer, command_part, file_size
+from warmpool.backends.command_server import CommandServer, command_part
 from warmpool.backends.slots import ContextStore, restore_slots, save_slots
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BackendUnavailable
@@ -47,7 +47,7 @@ class CommandBackend(Backend):
         return True
 
     def size_hint(self, model: ModelConfig) -> int:
-        return model.size or file_size(model.gguf)
+        return model.size or _file_size(model.gguf)
 
     def base_url(self, model: ModelConfig | None) -> str:
         server = self.servers.get(model.name) if model else None
@@ -117,3 +117,10 @@ class CommandBackend(Backend):
             del self.servers[name]
             self._watchers.pop(name, None)
             self.on_lost(name, f"server process {server.exit_report()}")
+
+
+def _file_size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path else 0
+    except OSError:
+        return 0

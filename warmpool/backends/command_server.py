@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -162,10 +161,3 @@ async def _answers_ok(session: aiohttp.ClientSession, url: str) -> bool:
             return response.status == 200
     except (TimeoutError, aiohttp.ClientError):
         return False
-
-
-def file_size(path: str | None) -> int:
-    try:
-        return os.path.getsize(path) if path else 0
-    except OSError:
-        return 0
