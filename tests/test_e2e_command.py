@@ -1,6 +1,7 @@
 """`kind: command` end to end with real servers: llama.cpp's llama-server (built from the sources the
 llama-cpp-python sdist vendors, tests/build_llama_server.py) and llama-cpp-python's own server, each started
-by warmpool from a command template, serving the demo GGUF to the official openai and ollama clients."""
+by warmpool from a command template, serving the demo GGUF to the official openai, ollama and anthropic
+clients."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import ollama
 import openai
 import psutil
@@ -93,7 +95,7 @@ async def status(wp: WarmpoolProcess) -> dict[str, Any]:
         return pools[0]
 
 
-async def test_openai_and_ollama_clients_through_llama_server(wp: WarmpoolProcess) -> None:
+async def test_openai_ollama_and_anthropic_clients_through_llama_server(wp: WarmpoolProcess) -> None:
     openai_client = client(wp)
     reply = await openai_client.chat.completions.create(
         model="planner", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0)
@@ -106,6 +108,10 @@ async def test_openai_and_ollama_clients_through_llama_server(wp: WarmpoolProces
     ollama_reply = await ollama.AsyncClient(host=wp.url).chat(
         model="planner", messages=[{"role": "user", "content": "Say hello."}], options={"num_predict": 8})
     assert ollama_reply.message.content and ollama_reply.done
+    claude = anthropic.AsyncAnthropic(base_url=wp.url, api_key="unused", max_retries=0)
+    message = await claude.messages.create(model="planner", max_tokens=8,
+                                           messages=[{"role": "user", "content": "Say hello."}])
+    assert message.content and message.content[0].type == "text" and message.usage.output_tokens > 0
     assert len(servers(wp.proc.pid)) == 1
 
 
