@@ -40,8 +40,8 @@ system-deps:
 	missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			echo "system-deps: installing Debian packages:$$missing (apt-get install; the status page, dashboard"; \
-			echo "system-deps: and HTTPS upstream tests drive them; make test SYSTEM_DEPS=no skips this step)"; \
+			echo "system-deps: installing Debian packages:$$missing (apt-get install; the status page, dashboard,"; \
+			echo "system-deps: HTTPS upstream, multi-host and llama-server tests need them; SYSTEM_DEPS=no skips this)"; \
 			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 		else echo "note: install$$missing (Debian packages) to run every test; without them those tests skip"; fi; \
 	fi
