@@ -217,6 +217,14 @@ def test_the_readme_lists_every_subcommand() -> None:
 
 # -- make test's system packages ------------------------------------------------------------------------
 
+def makefile_system_tools() -> list[str]:
+    """The Makefile's SYSTEM_TOOLS, the Debian packages `make test` installs when they are missing."""
+    line = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("SYSTEM_TOOLS"))
+    tools = line.partition(":=")[2].split()
+    assert {"chromium", "prometheus", "openssl"} <= set(tools), tools
+    return tools
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_says_which_debian_packages_it_installs_before_it_does(tmp_path: Path) -> None:
     """With none of the tools on PATH, and apt-get and id replaced by scripts that log their calls (so
@@ -232,8 +240,9 @@ def test_make_says_which_debian_packages_it_installs_before_it_does(tmp_path: Pa
                           capture_output=True, text=True, timeout=60, env={"PATH": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     said = done.stdout.splitlines()
-    assert said[0].startswith("system-deps: installing Debian packages: chromium prometheus openssl")
-    assert log.read_text().splitlines() == ["apt-get update", "apt-get install -y chromium prometheus openssl"]
+    packages = " ".join(makefile_system_tools())
+    assert said[0].startswith(f"system-deps: installing Debian packages: {packages}")
+    assert log.read_text().splitlines() == ["apt-get update", f"apt-get install -y {packages}"]
     skipped = subprocess.run([make, "-s", "system-deps", "SHELL=/bin/sh", "SYSTEM_DEPS=no"], cwd=REPO,
                              capture_output=True, text=True, timeout=60, env={"PATH": str(tmp_path)})
     assert skipped.stdout == "" and len(log.read_text().splitlines()) == 2
