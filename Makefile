@@ -11,17 +11,23 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE
 export CMAKE_ARGS
 
 # Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard),
-# openssl (a certificate for the HTTPS upstream test), HAProxy (three hosts in network namespaces behind it)
-# and nginx (its configuration check).
-SYSTEM_TOOLS := chromium prometheus openssl haproxy nginx
+# openssl (a certificate for the HTTPS upstream test), HAProxy (three hosts in network namespaces behind it),
+# nginx (its configuration check), and cmake and g++ (to build llama-server).
+SYSTEM_TOOLS := chromium prometheus openssl haproxy nginx cmake g++
 
-.PHONY: serve test lint bench clean system-deps
+.PHONY: serve test lint bench clean system-deps llama-server
 
 serve: $(VENV)/.installed-serve
 	$(BIN)/warmpool serve $(ARGS)
 
-test: $(VENV)/.installed-dev system-deps
+test: $(VENV)/.installed-dev system-deps llama-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# llama.cpp's llama-server for the `kind: command` tests, built once from the sources the llama-cpp-python
+# sdist vendors and cached under ~/.cache/warmpool (minutes the first time). Exit 2 means the sources could
+# not be had: the tests that need it then skip, saying why.
+llama-server: $(VENV)/.installed-dev system-deps
+	$(BIN)/python tests/build_llama_server.py || [ $$? -eq 2 ]
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check warmpool tests benchmarks
@@ -34,8 +40,8 @@ system-deps:
 	missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			echo "system-deps: installing Debian packages:$$missing (apt-get install; the status page, dashboard"; \
-			echo "system-deps: and HTTPS upstream tests drive them; make test SYSTEM_DEPS=no skips this step)"; \
+			echo "system-deps: installing Debian packages:$$missing (apt-get install; the status page, dashboard,"; \
+			echo "system-deps: HTTPS upstream, multi-host and llama-server tests need them; SYSTEM_DEPS=no skips this)"; \
 			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 		else echo "note: install$$missing (Debian packages) to run every test; without them those tests skip"; fi; \
 	fi

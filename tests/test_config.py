@@ -549,7 +549,7 @@ def test_top_level_type_errors(raw_patch: dict[str, Any], expected: str) -> None
      "backends.local.url: expected an http:// or https:// URL, got '127.0.0.1:11434'"),
     ("url", "ftp://h", "backends.local.url: expected an http:// or https:// URL"),
     ("url", "http://h:99999", "backends.local.url: expected an http:// or https:// URL"),
-    ("kind", "vllm", "backends.local.kind: expected one of ollama, llamacpp, openai, got 'vllm'"),
+    ("kind", "vllm", "backends.local.kind: expected one of ollama, llamacpp, command, openai, got 'vllm'"),
     ("vram_budget", "lots", "backends.local.vram_budget: expected a size"),
 ])
 def test_backend_type_errors(field: str, value: Any, expected: str) -> None:
@@ -618,8 +618,8 @@ def test_kind_specific_backend_keys() -> None:
 def test_backend_kind_is_required() -> None:
     raw = minimal(backends={"a": {"url": "http://h"}, "b": None})
     raw["models"]["planner"]["backend"] = "a"
-    assert problems_of(raw) == ["backends.a.kind: required: one of ollama, llamacpp, openai",
-                                "backends.b.kind: required: one of ollama, llamacpp, openai"]
+    assert problems_of(raw) == ["backends.a.kind: required: one of ollama, llamacpp, command, openai",
+                                "backends.b.kind: required: one of ollama, llamacpp, command, openai"]
 
 
 def test_kind_specific_model_keys(tmp_path: Path) -> None:
@@ -628,7 +628,7 @@ def test_kind_specific_model_keys(tmp_path: Path) -> None:
                   models={"a": {"backend": "o", "gguf": str(gguf), "n_ctx": 4096},
                           "b": {"backend": "l", "gguf": str(gguf), "options": {"num_ctx": 1}}})
     assert problems_of(raw) == [
-        "models.a.gguf: only allowed when the backend kind is llamacpp, not ollama",
+        "models.a.gguf: only allowed when the backend kind is llamacpp or command, not ollama",
         "models.a.n_ctx: only allowed when the backend kind is llamacpp, not ollama",
         "models.b.options: only allowed when the backend kind is ollama, not llamacpp",
     ]
@@ -657,7 +657,7 @@ def test_model_backend_must_exist() -> None:
 
 def test_a_model_on_an_invalid_backend_gets_no_second_error() -> None:
     raw = minimal(backends={"local": {"kind": "vllm", "url": "http://h"}})
-    assert problems_of(raw) == ["backends.local.kind: expected one of ollama, llamacpp, openai, got 'vllm'"]
+    assert problems_of(raw) == ["backends.local.kind: expected one of ollama, llamacpp, command, openai, got 'vllm'"]
 
 
 def test_phases_must_reference_known_models() -> None:

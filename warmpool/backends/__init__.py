@@ -16,6 +16,10 @@ def make_backend(config: BackendConfig, app_config: Config) -> Backend:
         from warmpool.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(config, app_config)
+    if config.kind == "command":
+        from warmpool.backends.command import CommandBackend
+
+        return CommandBackend(config, app_config)
     from warmpool.backends.openai import OpenAIBackend
 
     return OpenAIBackend(config, app_config)

@@ -95,7 +95,7 @@ def _nobody_listens(model: str, reason: str) -> None:
 
 
 class Backend:
-    """Base class. Subclasses: OllamaBackend, LlamaCppBackend, OpenAIBackend."""
+    """Base class. Subclasses: OllamaBackend, LlamaCppBackend, CommandBackend, OpenAIBackend."""
 
     speaks: Dialect = "openai"  # the dialect its inference endpoints speak
     managed = True  # whether the scheduler decides what is loaded (False: forward only)

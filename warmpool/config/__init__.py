@@ -9,6 +9,7 @@ from warmpool.config.model import (
     BackendConfig,
     BackendKind,
     BalancerConfig,
+    CommandModel,
     Config,
     LlamaCppModel,
     LogConfig,
@@ -24,8 +25,8 @@ from warmpool.config.redact import redacted
 from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
-    "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "Config", "LlamaCppModel", "LogConfig",
-    "MemoryAmount", "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy",
+    "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "CommandModel", "Config", "LlamaCppModel",
+    "LogConfig", "MemoryAmount", "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy",
     "TimeoutsConfig", "config_from_mapping", "config_warnings", "discover_config_path", "load_config",
     "parse_duration", "parse_size", "redacted",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from warmpool.config.model import BalancerConfig, Config, SchedulerConfig, TimeoutsConfig
+from warmpool.config.placeholders import PLACEHOLDERS, is_template_key
 from warmpool.config.schema import _build, _Checker, _did_you_mean, _join
 from warmpool.config.values import _show, _Text
 from warmpool.errors import ConfigError
@@ -120,19 +121,23 @@ _REFERENCE = re.compile(r"(?P<escape>\$\$\{)|\$\{(?P<name>[^}]*)(?P<close>\})?")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _expand(value: Any, path: str, env: Mapping[str, str], ck: _Checker) -> Any:
-    """A fresh copy of `value` with every ${VAR} replaced; later steps may mutate it."""
+def _expand(value: Any, path: str, env: Mapping[str, str], ck: _Checker, keys: tuple[str, ...] = ()) -> Any:
+    """A fresh copy of `value` with every ${VAR} replaced; later steps may mutate it. In a command template
+    (`keys` is the path as keys) warmpool's own placeholders and `$${` stay for the backend to fill in."""
     if isinstance(value, Mapping):
-        return {key: _expand(item, _join(path, key), env, ck) for key, item in value.items()}
+        return {key: _expand(item, _join(path, key), env, ck, (*keys, str(key))) for key, item in value.items()}
     if isinstance(value, list):
-        return [_expand(item, f"{path}[{i}]", env, ck) for i, item in enumerate(value)]
+        return [_expand(item, f"{path}[{i}]", env, ck, keys) for i, item in enumerate(value)]
     if isinstance(value, str) and "${" in value:
-        return _Text(_REFERENCE.sub(lambda match: _substitute(match, path, env, ck), value))
+        template = is_template_key(keys)
+        return _Text(_REFERENCE.sub(lambda match: _substitute(match, path, env, ck, template), value))
     return value
 
 
-def _substitute(match: re.Match[str], path: str, env: Mapping[str, str], ck: _Checker) -> str:
+def _substitute(match: re.Match[str], path: str, env: Mapping[str, str], ck: _Checker, template: bool) -> str:
     name = match["name"]
+    if template and (match["escape"] or (name in PLACEHOLDERS and match["close"])):
+        return match[0]
     if match["escape"]:
         return "${"
     if match["close"] is None or not _VAR_NAME.fullmatch(name):

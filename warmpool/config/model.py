@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from warmpool.config.placeholders import used
 from warmpool.config.values import parse_size
 
-BackendKind = Literal["ollama", "llamacpp", "openai"]
+BackendKind = Literal["ollama", "llamacpp", "command", "openai"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +47,15 @@ class BackendConfig:
     api_key: str | None = None  # openai: sent upstream as Bearer (secret)
     max_resident: int = 1  # models loaded at once in this pool
     vram_budget: int | None = None  # bytes; if set, sizes must fit instead of counting models
-    # managed llama.cpp only:
-    python: str | None = None  # interpreter that has llama_cpp installed; default: warmpool's own
+    # managed servers (llamacpp, command):
     start_timeout: float = 300.0  # seconds for a managed server to become healthy
     stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
+    # managed llama.cpp only:
+    python: str | None = None  # interpreter that has llama_cpp installed; default: warmpool's own
     spare: bool = True  # keep a pre-imported worker process ready so a swap pays only the model load
+    # command only: where saved server slots (KV caches) are kept, and how many bytes of them at most
+    context_dir: str | None = None  # None = ${XDG_CACHE_HOME:-~/.cache}/warmpool/contexts/<backend name>
+    context_budget: int = 2 * 1024**3
     idle_default: str | None = None  # model to load again once the pool has been idle for `idle_after`
     idle_after: float | None = None  # seconds of idleness before returning to `idle_default`
 
@@ -71,6 +76,23 @@ class LlamaCppModel:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandModel:
+    """How warmpool starts the server of a model of a `command` backend. `command` and `env` are templates:
+    ${PORT}, ${MODEL}, ${GGUF} and ${SLOT_DIR} are filled in at each start (config/placeholders.py)."""
+
+    command: tuple[str, ...]  # the argv, never run through a shell
+    gguf: str | None = None  # the weight file ${GGUF} names (and the RAM tier keeps warm)
+    health: str = "/health"  # a path on the server that answers 200 once it can serve
+    env: dict[str, str] = field(default_factory=dict)  # added to warmpool's environment for the server
+
+    @property
+    def keeps_context(self) -> bool:
+        """Whether the server is given a slot directory (llama-server's --slot-save-path ${SLOT_DIR}), so
+        its slots are saved before it stops and restored after it starts."""
+        return any("SLOT_DIR" in used(text) for text in (*self.command, *self.env.values()))
+
+
+@dataclass(frozen=True, slots=True)
 class OllamaModel:
     """How Ollama loads the model (models of an `ollama` backend)."""
 
@@ -80,7 +102,7 @@ class OllamaModel:
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A model as clients name it and as the scheduler treats it; what only one backend kind needs lives in
-    that kind's part (`llamacpp`, `ollama`), set for models of that kind. The config file keeps them flat."""
+    that kind's part (`llamacpp`, `ollama`, `command`), set for models of that kind. The config file keeps them flat."""
 
     name: str  # the name clients use
     backend: str
@@ -92,11 +114,14 @@ class ModelConfig:
     size: int | None = None  # bytes in (V)RAM when loaded, if known
     llamacpp: LlamaCppModel | None = None
     ollama: OllamaModel | None = None
+    command: CommandModel | None = None
 
     @property
     def gguf(self) -> str | None:
-        """The configured weight file (llamacpp models); None where warmpool has to find it."""
-        return self.llamacpp.gguf if self.llamacpp is not None else None
+        """The configured weight file (llamacpp and command models); None where warmpool has to find it."""
+        if self.llamacpp is not None:
+            return self.llamacpp.gguf
+        return self.command.gguf if self.command is not None else None
 
 
 Strategy = Literal["read", "madvise", "mlock"]

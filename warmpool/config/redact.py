@@ -67,7 +67,7 @@ def _model_dict(model: ModelConfig, cfg: Config) -> dict[str, Any]:
     """A model in the file's flat shape: the common keys, then its kind's part."""
     backend = cfg.backends.get(model.backend)
     flat = {key: value for key, value in _fields_of(model).items() if key not in _MODEL_PARTS}
-    for part in (model.llamacpp, model.ollama):
+    for part in (model.llamacpp, model.ollama, model.command):
         if part is not None:
             flat.update(_fields_of(part))
     return _for_kind(flat, _MODEL_KINDS, backend.kind if backend else None)

@@ -13,6 +13,7 @@ from warmpool.config.model import (
     AuthConfig,
     BackendConfig,
     BalancerConfig,
+    CommandModel,
     Config,
     LlamaCppModel,
     LogConfig,
@@ -23,13 +24,17 @@ from warmpool.config.model import (
     SchedulerConfig,
     TimeoutsConfig,
 )
+from warmpool.config.placeholders import used
 from warmpool.config.values import (
     _INVALID,
     Parser,
+    _argv,
     _bool,
     _choice,
+    _environment,
     _file_path,
     _fraction,
+    _http_path,
     _int,
     _keep_alive,
     _listen,
@@ -136,8 +141,9 @@ class _Checker:
 
 # The schema ----------------------------------------------------------------------------------------
 
-_KINDS = ("ollama", "llamacpp", "openai")
+_KINDS = ("ollama", "llamacpp", "command", "openai")
 _LLAMACPP = ("llamacpp",)
+_MANAGED = ("llamacpp", "command")  # kinds whose server processes warmpool starts and stops
 
 _TOP: dict[str, Parser] = {
     "listen": _listen, "max_body_size": _nonzero(parse_size),
@@ -164,13 +170,15 @@ _BACKEND: dict[str, Parser] = {
     "kind": _choice(*_KINDS), "url": _url, "api_key": _nullable(_secret), "max_resident": _int(1),
     "vram_budget": _nullable(_nonzero(parse_size)), "python": _nullable(_path), "start_timeout": _timeout,
     "stop_grace": parse_duration, "spare": _bool, "idle_default": _nullable(_str),
-    "idle_after": _nullable(_timeout),
+    "idle_after": _nullable(_timeout), "context_dir": _nullable(_file_path), "context_budget": parse_size,
 }
 # Keys that only some backend kinds take, and keys that some kinds require.
 _BACKEND_KINDS: dict[str, tuple[str, ...]] = {
     "url": ("ollama", "openai"), "api_key": ("openai",),
-    **{key: _LLAMACPP for key in ("python", "start_timeout", "stop_grace", "spare")},
-    **{key: ("ollama", "llamacpp") for key in ("idle_default", "idle_after", "vram_budget")},
+    **{key: _LLAMACPP for key in ("python", "spare")},
+    **{key: _MANAGED for key in ("start_timeout", "stop_grace")},
+    **{key: ("ollama", *_MANAGED) for key in ("idle_default", "idle_after", "vram_budget")},
+    **{key: ("command",) for key in ("context_dir", "context_budget")},
 }
 _BACKEND_REQUIRED: dict[str, tuple[str, ...]] = {"url": ("ollama", "openai")}
 
@@ -187,6 +195,8 @@ _MODEL_PARTS: dict[str, tuple[type, dict[str, Parser]]] = {
         "n_batch": _int(1), "chat_format": _nullable(_str), "use_mmap": _bool, "use_mlock": _bool,
         "server_args": _scalar_mapping}),
     "ollama": (OllamaModel, {"options": _mapping}),
+    "command": (CommandModel, {
+        "command": _argv, "gguf": _file_path, "health": _http_path, "env": _environment}),
 }
 _MODEL_KINDS: dict[str, tuple[str, ...]] = {
     key: tuple(kind for kind, (_, spec) in _MODEL_PARTS.items() if key in spec)
@@ -258,9 +268,11 @@ def _model(ck: _Checker, name: str, raw: Any, kinds: Mapping[str, str | None]) -
     kind = _backend_kind(ck, path, raw, values.get("backend"), kinds)
     if kind is not None:
         _check_kind(ck, path, raw, kind, _MODEL_KINDS, _MODEL_REQUIRED)
-    if kind == "llamacpp" and "gguf" in values and not os.path.isfile(values["gguf"]):
+    if kind in _MANAGED and "gguf" in values and not os.path.isfile(values["gguf"]):
         ck.fail(f"{path}.gguf", f"file not found: {values['gguf']}")
     parts = {part: _model_part(part, values) for part in _MODEL_PARTS if part == kind}
+    if isinstance(parts.get("command"), CommandModel):
+        _check_template(ck, path, parts["command"])
     common = {key: value for key, value in values.items() if key in _MODEL}
     common.setdefault("backend", "")
     common.setdefault("upstream_name", name)
@@ -272,6 +284,17 @@ def _model_part(kind: str, values: Mapping[str, Any]) -> Any:
     cls, spec = _MODEL_PARTS[kind]
     given = {key: value for key, value in values.items() if key in spec}
     return cls(**given) if all(key in given for key, kinds in _MODEL_REQUIRED.items() if kind in kinds) else None
+
+
+def _check_template(ck: _Checker, path: str, part: CommandModel) -> None:
+    """The server must learn its port from warmpool, and ${GGUF} needs a file to name."""
+    in_command = set().union(*(used(arg) for arg in part.command))
+    everywhere = in_command.union(*(used(value) for value in part.env.values()))
+    if "PORT" not in everywhere:
+        ck.fail(f"{path}.command", "must pass ${PORT} to the server (in its arguments or env): warmpool picks a "
+                                   "free loopback port at each start and talks to the server there")
+    if "GGUF" in everywhere and part.gguf is None:
+        ck.fail(f"{path}.gguf", "required when the command uses ${GGUF}")
 
 
 def _backend_kind(ck: _Checker, path: str, raw: Any, backend: str | None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
@@ -206,6 +207,53 @@ def _scalar_mapping(value: Any) -> dict[str, Any]:
         if isinstance(item, (dict, list)):
             raise ValueError(f"expected scalar values (string, number, boolean), {key!r} is {_show(item)}")
     return args
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    """A command: a list of arguments, or one string split as a POSIX shell would split it (quotes and
+    backslashes), though no shell ever runs it."""
+    if isinstance(value, str):
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split the command into arguments: {exc}") from None
+    elif isinstance(value, list) and all(isinstance(item, (str, int, float)) and not isinstance(item, bool)
+                                         for item in value):
+        words = [str(item) for item in value]
+    else:
+        raise _expect("a command: a list of arguments or one string", value)
+    if not words or not words[0]:
+        raise _expect("a command with at least the program to run", value)
+    return tuple(words)
+
+
+def _http_path(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith("/") or any(char.isspace() for char in text):
+        raise _expect('a path on the server, such as "/health"', value)
+    return text
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _environment(value: Any) -> dict[str, str]:
+    """Environment variables: names to scalar values, kept as the text a process receives (text from a
+    ${VAR} stays exactly as it was, not read as a YAML scalar)."""
+    if not isinstance(value, Mapping):
+        raise _expect("a mapping of environment variable names to values", value)
+    for name, item in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"invalid environment variable name {_show(name)}")
+        if isinstance(item, (dict, list)):
+            raise ValueError(f"expected scalar values (string, number, boolean), {name!r} is {_show(item)}")
+    return {name: _env_text(item) for name, item in value.items()}
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
 
 
 def _timeout(value: Any) -> float:

@@ -319,7 +319,7 @@ class SearchRoots:
 def find_weights(model: ModelConfig, backend_kind: str, roots: SearchRoots, *,
                  show_modelfile: str | None = None) -> WeightFiles:
     """The weight files of `model`, served by a backend of `backend_kind`, or the reason there are none."""
-    if backend_kind == "llamacpp" and model.gguf:
+    if model.gguf:  # configured (llamacpp and command models)
         return _configured_gguf(Path(model.gguf).expanduser())
     reasons: list[str] = []
     if backend_kind == "ollama":
