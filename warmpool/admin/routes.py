@@ -40,7 +40,8 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     async def status(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
         ram = tier.snapshot() if tier is not None else {"enabled": False}
-        return web.json_response({**scheduler.snapshot(), "ram_tier": ram})
+        own = {name: shown for name, b in backends.items() if (shown := b.status()) is not None}
+        return web.json_response({**scheduler.snapshot(), "ram_tier": ram, "backends": own})
 
     async def load(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)

@@ -50,7 +50,12 @@ class BackendConfig:
     python: str | None = None  # interpreter that has llama_cpp installed; default: warmpool's own
     start_timeout: float = 300.0  # seconds for a managed server to become healthy
     stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
-    spare: bool = True  # keep a pre-imported worker process ready so a swap pays only the model load
+    # Context kept across swaps (managed llama.cpp only): saved prompt/KV state of recent conversations.
+    context_budget: int = 1 << 30  # bytes of saved state kept in RAM; 0 keeps none
+    context_dir: str | None = None  # where the RAM copies live; None: a private directory under /dev/shm
+    context_spill_dir: str | None = None  # a directory on disk for states pushed out of RAM; None: dropped
+    context_spill_budget: int = 4 << 30  # bytes of saved state kept in context_spill_dir
+    context_min_tokens: int = 64  # shorter conversations are not worth saving
     idle_default: str | None = None  # model to load again once the pool has been idle for `idle_after`
     idle_after: float | None = None  # seconds of idleness before returning to `idle_default`
 
