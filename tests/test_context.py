@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import llama_models, running_warmpool
 from warmpool.backends._llamacpp_context import ContextStore, Tier, fingerprint
+from warmpool.backends.llamacpp_slot import Slot
+from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FP = "f" * 20
@@ -216,3 +218,44 @@ async def test_the_budget_holds_with_real_states(gguf_path: str, tmp_path: Path)
     [tier] = shown["tiers"]
     assert tier["path"] == str(ram) and 0 < tier["bytes"] <= tier["budget"] == 8 * 2**20
     assert ram.is_dir(), "a configured directory stays (warmpool removes only the one it made)"
+
+
+@pytest.mark.timeout(300)
+async def test_echoed_prompt_logprobs_are_never_taken_from_a_restore(gguf_path: str, tmp_path: Path) -> None:
+    """Echoed logprobs read the prompt's logits, which a restored state does not carry: such a
+    completion computes its prompt, and its logprobs are those of a worker that never saved anything."""
+    model = ModelConfig(name="m", backend="b", upstream_name="m",
+                        llamacpp=LlamaCppModel(gguf=gguf_path, n_ctx=512, chat_format="gemma"))
+    backend = BackendConfig(name="b", kind="llamacpp", start_timeout=60)
+    context = {"tiers": [{"path": str(tmp_path / "ctx"), "budget": 10**8}], "min_tokens": 16}
+    events: list[dict[str, Any]] = []
+    short = CONTEXT[: CONTEXT.index("Item 5:")]  # ~80 tokens: echoed logprobs sort the whole vocabulary per token
+    prompt = f"Inventory:\n{short}\n\nQuestion: "
+    echoed = {"model": "m", "prompt": prompt + QUESTIONS[1], "max_tokens": 1, "echo": True, "logprobs": 1,
+              "temperature": 0}
+
+    async def completion(slot: Slot, body: dict[str, Any]) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session, session.post(slot.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            return dict(await r.json())
+
+    kept = Slot(0, backend, lambda slot, event: events.append(event), lambda slot, reason: None)
+    fresh = Slot(1, backend, lambda slot, event: None, lambda slot, reason: None)
+    try:
+        for slot in (kept, fresh):
+            await slot.spawn()
+            await slot.wait_ready(time.monotonic() + 60)
+        await kept.load(model, context, time.monotonic() + 60)
+        await completion(kept, {"model": "m", "prompt": prompt + QUESTIONS[0], "max_tokens": 1})
+        await kept.load(model, context, time.monotonic() + 60)  # frees (saves), loads again: empty
+        assert any(e.get("saved") for e in events)
+        got = (await completion(kept, echoed))["choices"][0]["logprobs"]
+        assert not any(e.get("restored") for e in events)
+        await fresh.load(model, None, time.monotonic() + 60)
+        assert got == (await completion(fresh, echoed))["choices"][0]["logprobs"]
+        await kept.load(model, context, time.monotonic() + 60)
+        await completion(kept, {**echoed, "echo": False, "logprobs": None})
+        assert any(e.get("restored") for e in events)  # the same prompt without echo does restore
+    finally:
+        await kept.stop()
+        await fresh.stop()

@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -267,18 +268,28 @@ class ContextKeeper:
         self.granule = granule_for(llama.n_batch, llama.context_params.n_ubatch)
         self.exact = 0  # leading live tokens whose cells a from-scratch evaluation would compute alike
         self.saved_upto = 0  # leading live tokens the store holds already
+        self.prompt_logits_wanted = False  # the running completion echoes its prompt with logprobs
         self._lock = threading.Lock()
 
     def install(self) -> None:
-        """Run `before_generate` ahead of every generation of the `Llama` (an instance attribute, so
-        llama-cpp-python's `_create_completion` calls it in place of the class's method)."""
-        original = self.llama.generate
+        """Run `before_generate` ahead of every generation of the `Llama`, and note what each completion
+        asks for (instance attributes, so llama-cpp-python's own code, its chat handlers included, calls
+        them in place of the class's methods)."""
+        generate, create_completion = self.llama.generate, self.llama.create_completion
+        parameters = inspect.signature(create_completion)
 
-        def generate(tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Any, None]:
+        def generating(tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Any, None]:
             self.before_generate(list(tokens))
-            yield from original(tokens, *args, **kwargs)
+            yield from generate(tokens, *args, **kwargs)
 
-        self.llama.generate = generate
+        def completing(*args: Any, **kwargs: Any) -> Any:
+            asked = parameters.bind_partial(*args, **kwargs).arguments
+            # Echoed prompt logprobs are read from the prompt's rows of Llama.scores, which a restore
+            # does not fill: such a completion computes its prompt (the server runs one at a time).
+            self.prompt_logits_wanted = bool(asked.get("echo")) and asked.get("logprobs") is not None
+            return create_completion(*args, **kwargs)
+
+        self.llama.generate, self.llama.create_completion = generating, completing
 
     def aligned(self, n: int) -> int:
         return max(n, 0) - max(n, 0) % self.granule
@@ -295,7 +306,8 @@ class ContextKeeper:
         with self._lock:
             live = self.live_exact()
             keep = self.aligned(min(common_prefix(live, prompt), len(prompt) - 1))
-            found = self.store.best(self.fp, prompt) if len(prompt) > self.min_tokens else None
+            wanted = len(prompt) > self.min_tokens and not self.prompt_logits_wanted
+            found = self.store.best(self.fp, prompt) if wanted else None
             take = self.aligned(min(found[1], len(prompt) - 1)) if found else 0
             if found is not None and take - keep >= self.min_tokens:
                 self._save(live)  # the restore replaces all of it
