@@ -325,7 +325,8 @@ async def test_a_foreign_interpreter_runs_the_worker_from_its_file(backend: Back
         context = {"tiers": [{"path": str(tmp_path / "ctx"), "budget": 10**8}], "min_tokens": 4}
         await slot.load(model, context, deadline())
         async with aiohttp.ClientSession() as session:
-            status, _ = await post(session, slot.url + "/v1/chat/completions", chat_body("Hello there. " * 20, max_tokens=2))
+            body = chat_body("Hello there. " * 20, max_tokens=2)  # long enough to be saved
+            status, _ = await post(session, slot.url + "/v1/chat/completions", body)
         assert status == 200
         await slot.free(deadline())
         assert list((tmp_path / "ctx").glob("*.kv")), "the context module did not run in the worker"

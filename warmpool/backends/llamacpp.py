@@ -67,7 +67,9 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, config: BackendConfig, app_config: Config) -> None:
         super().__init__(config, app_config)
-        self.slots = [Slot(i, config, self._context_event, self._worker_died) for i in range(config.max_resident)]
+        # One worker per model that can be loaded at once; never more workers than models.
+        count = max(1, min(config.max_resident, len(self.models)))
+        self.slots = [Slot(i, config, self._context_event, self._worker_died) for i in range(count)]
         self.context = context_settings(config)
         self.counters = {name: ContextCounters() for name in self.models}
         self._own_dir: str | None = None  # the context directory this backend created (removed at close)

@@ -76,6 +76,7 @@ class Slot:
         self._process: WorkerProcess | None = None
         self._ids = itertools.count(1)
         self._stopping = False
+        self._spawning = asyncio.Lock()  # a restart in the background and a load must not both start one
 
     def __repr__(self) -> str:
         state = "ready" if self.ready else "starting" if self.alive else "down"
@@ -107,14 +108,17 @@ class Slot:
                 "url": self.url if self.ready else None}
 
     async def spawn(self) -> None:
-        """Start a fresh worker (it imports in the background); the old one must be gone."""
-        python = self.backend.python or sys.executable
-        label = f"{self.backend.name} worker {self.index}"
-        process = await WorkerProcess.spawn(worker_argv(python), label, child_env(python))
-        process.on_context = lambda message: self._on_context(self, message)
-        process.on_exit.append(lambda code: self._exited(process))
-        self._process, self.model, self.held, self._stopping = process, None, None, False
-        self.started_at = time.monotonic()
+        """Start a fresh worker (it imports in the background), unless one runs already."""
+        async with self._spawning:
+            if self.alive:
+                return
+            python = self.backend.python or sys.executable
+            label = f"{self.backend.name} worker {self.index}"
+            process = await WorkerProcess.spawn(worker_argv(python), label, child_env(python))
+            process.on_context = lambda message: self._on_context(self, message)
+            process.on_exit.append(lambda code: self._exited(process))
+            self._process, self.model, self.held, self._stopping = process, None, None, False
+            self.started_at = time.monotonic()
 
     def _exited(self, process: WorkerProcess) -> None:
         reason = f"{process.exit_reason()}{process.stderr_report()}"
