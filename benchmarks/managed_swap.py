@@ -10,9 +10,10 @@ in the page cache), a trial makes `a` resident, waits, then times a streamed one
   and the client's own request reads the weights);
 - `compared` (with `--compare PATH`, e.g. a `git archive` of main): warmpool from another checkout, such
   as the process-per-model path (a pre-imported spare worker per swap, a one-token warm-up);
-- the floor: a Python process that has imported llama_cpp loads the same file in-process (`Llama(...)`,
-  the same settings) and streams the same completion to its first chunk; and the same with a one-token
-  warm-up before the timed completion (what a separate warm-up costs the client).
+- the floor: a Python process that has imported llama_cpp loads the same file in-process (`Llama`, built
+  as llama-cpp-python's server builds it, with the same settings) and streams the same completion to its
+  first chunk; and the same with a one-token warm-up before the timed completion (what a separate
+  warm-up costs the client).
 
 Also shown for each warmpool: its own swap record for that swap (`/warmpool/status`, the value its
 `warmpool_swap_duration_seconds` histogram got) as a share of the client's wait. Every system does the
@@ -59,14 +60,18 @@ SETTLE = 1.5  # seconds between a and b: the pool is idle, nothing else runs
 PROMPT = "The quick brown fox jumps over the lazy dog. Tell me a story about"
 TARGET_RATIO, TARGET_SHARE = 1.3, 0.9
 
+# The floor loads the model exactly as llama-cpp-python's server does (its ModelSettings defaults, e.g.
+# logits_all, and its loader), with warmpool's settings: the same work as the workers do.
 FLOOR_SCRIPT = r"""
 import json, sys, time
-import llama_cpp
+from llama_cpp.server.model import LlamaProxy
+from llama_cpp.server.settings import ModelSettings
 print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
+    settings = ModelSettings(model=job["path"], n_ctx=job["n_ctx"], use_mlock=False, verbose=False)
     started = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=job["path"], n_ctx=job["n_ctx"], use_mlock=False, verbose=False)
+    llm = LlamaProxy.load_llama_from_model_settings(settings)
     if job["warm_up"]:
         llm.create_completion(" ", max_tokens=1, temperature=0)
     for chunk in llm.create_completion(job["prompt"], max_tokens=1, temperature=0, stream=True):
