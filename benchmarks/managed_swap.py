@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,10 @@ MIB = 1 << 20
 N_CTX = 512
 READY_TIMEOUT = 180.0
 SETTLE = 1.5  # seconds between a and b: the pool is idle, nothing else runs
-PROMPT = "The quick brown fox jumps over the lazy dog. Tell me a story about"
+# Seconds after each warmpool trial: background work it starts once idle (the process-per-model path
+# starts its next spare worker) must not land in the next system's trial.
+AFTER = 4.0
+PROMPT = "Tell me about"  # short: the load and the reading of the weights should dominate, not the prompt
 TARGET_RATIO, TARGET_SHARE = 1.3, 0.9
 
 # The floor loads the model exactly as llama-cpp-python's server does (its ModelSettings defaults, e.g.
@@ -144,6 +148,12 @@ async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
     raise RuntimeError(f"{url} not ready within {READY_TIMEOUT:g} s")
 
 
+def prompt(index: int, animal: str) -> str:
+    """A prompt that shares no saved prefix with the earlier trials' (a restored context would spare the
+    swap its prompt evaluation; benchmarks/context.py measures that)."""
+    return f"{uuid.uuid4().hex[:4]} {PROMPT} {animal} {index}"
+
+
 async def first_chunk(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> float:
     """Seconds from sending a streamed one-token completion to its first data chunk (the stream is then
     read to its end)."""
@@ -172,12 +182,14 @@ async def last_swap(session: aiohttp.ClientSession, url: str, model: str) -> flo
 
 async def swap_trial(session: aiohttp.ClientSession, url: str, subject: Subject, index: int) -> tuple[float, float]:
     """(client wait, warmpool's swap record) for one warm swap a → b."""
-    await first_chunk(session, url, "a", f"{PROMPT} a cat number {index}")
+    await first_chunk(session, url, "a", prompt(index, "cat"))
     subject.warm()
     await asyncio.sleep(SETTLE)
-    wait = await first_chunk(session, url, "b", f"{PROMPT} a dog number {index}")
+    wait = await first_chunk(session, url, "b", prompt(index, "dog"))
     await asyncio.sleep(0.2)  # the record is written as the first chunk arrives; let the loop run
-    return wait, await last_swap(session, url, "b")
+    record = await last_swap(session, url, "b")
+    await asyncio.sleep(AFTER)
+    return wait, record
 
 
 # -- the in-process floor --------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ async def floor_process() -> AsyncIterator[asyncio.subprocess.Process]:
 async def floor_trial(proc: asyncio.subprocess.Process, subject: Subject, index: int, warm_up: bool) -> float:
     assert proc.stdin is not None and proc.stdout is not None
     subject.warm()
-    job = {"path": str(subject.b), "n_ctx": N_CTX, "prompt": f"{PROMPT} a dog number {index}", "warm_up": warm_up}
+    job = {"path": str(subject.b), "n_ctx": N_CTX, "prompt": prompt(index, "dog"), "warm_up": warm_up}
     proc.stdin.write(json.dumps(job).encode() + b"\n")
     await proc.stdin.drain()
     return float(json.loads(await proc.stdout.readline())["seconds"])
@@ -231,26 +243,30 @@ async def measure(subject: Subject, urls: dict[str, str], repeat: int) -> Sample
 
 
 def table(subject: Subject, samples: Samples, systems: list[str]) -> list[str]:
-    floor = statistics.median(samples["floor"])
-    lines = [f"{subject.label} ({subject.size / MIB:.0f} MiB), {len(samples['floor'])} rounds, medians (min)"]
+    lines = [f"{subject.label} ({subject.size / MIB:.0f} MiB), {len(samples['floor'])} rounds, medians (min); "
+             "/ floor: the median of each round's ratio"]
     lines.append(f"  {'system':<34} {'request → 1st token':>20} {'/ floor':>8} {'swap record':>12} {'share':>6}")
     for name in systems:
         waits, records = samples[name], samples[f"{name} record"]
-        wait = statistics.median(waits)
         share = statistics.median(r / w for r, w in zip(records, waits, strict=True))
-        lines.append(f"  {name:<34} {wait:>9.3f} s ({min(waits):.3f}) {wait / floor:>7.2f}x "
-                     f"{statistics.median(records):>10.3f} s {share:>5.0%}")
+        lines.append(f"  {name:<34} {statistics.median(waits):>9.3f} s ({min(waits):.3f}) "
+                     f"{per_round(samples, name):>7.2f}x {statistics.median(records):>10.3f} s {share:>5.0%}")
     for name in ("floor", "floor+warm-up"):
         values = samples[name]
         label = "in-process floor: load + 1st token" if name == "floor" else "in-process, 1-token warm-up first"
         lines.append(f"  {label:<34} {statistics.median(values):>9.3f} s ({min(values):.3f}) "
-                     f"{statistics.median(values) / floor:>7.2f}x")
+                     f"{per_round(samples, name):>7.2f}x")
     return lines
 
 
+def per_round(samples: Samples, name: str) -> float:
+    """The median over rounds of `name`'s time over the floor's in the same round (a shared machine's slow
+    spells hit both alike)."""
+    return statistics.median(v / f for v, f in zip(samples[name], samples["floor"], strict=True))
+
+
 def verdicts(subject: Subject, samples: Samples) -> list[str]:
-    floor = statistics.median(samples["floor"])
-    ratio = statistics.median(samples["slots"]) / floor
+    ratio = per_round(samples, "slots")
     share = statistics.median(r / w for r, w in zip(samples["slots record"], samples["slots"], strict=True))
     return [
         f"  target warm swap <= {TARGET_RATIO}x the floor: {ratio:.2f}x, "
