@@ -77,7 +77,8 @@ async def trial(session: aiohttp.ClientSession, url: str, context: str, index: i
 
 async def counters(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     async with session.get(url + "/warmpool/status") as response:
-        return dict((await response.json())["backends"]["local"]["context"])
+        [local] = [b for b in (await response.json())["backends"] if b["name"] == "local"]
+        return dict(local["context"])
 
 
 async def measure(urls: dict[str, str], context: str, trials: int) -> dict[str, list[tuple[float, str]]]:

@@ -168,7 +168,8 @@ async def answer(session: aiohttp.ClientSession, url: str, body: dict[str, Any])
 
 async def context_status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     async with session.get(url + "/warmpool/status") as response:
-        return dict((await response.json())["backends"]["local"]["context"])
+        [local] = [b for b in (await response.json())["backends"] if b["name"] == "local"]
+        return dict(local["context"])
 
 
 def config(gguf: str, **backend: Any) -> dict[str, Any]:

@@ -37,7 +37,8 @@ async def status(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
 
 
 def slots(state: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(state["backends"]["local"]["slots"])
+    [local] = [b for b in state["backends"] if b["name"] == "local"]
+    return list(local["slots"])
 
 
 async def chat(session: aiohttp.ClientSession, url: str, model: str, content: str = "Say hello.",

@@ -276,7 +276,9 @@ class ContextKeeper:
         asks for (instance attributes, so llama-cpp-python's own code, its chat handlers included, calls
         them in place of the class's methods)."""
         generate, create_completion = self.llama.generate, self.llama.create_completion
-        parameters = inspect.signature(create_completion)
+        # The parameters as `create_completion` names them (`_create_completion` has the same ones, and,
+        # unlike the public method, no wrapper around it)
+        parameters = inspect.signature(self.llama._create_completion)
 
         def generating(tokens: Sequence[int], *args: Any, **kwargs: Any) -> Generator[int, Any, None]:
             self.before_generate(list(tokens))

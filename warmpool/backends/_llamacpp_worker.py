@@ -19,6 +19,10 @@ warmpool: this module needs only the standard library, llama_cpp and its sibling
 
 Every line for warmpool starts with `@warmpool ` (other output may share stdout). Context events
 (`{"event": "context", ...}`: saves, restores, misses) come from `_llamacpp_context`.
+
+One addition to llama-cpp-python: its streams carry no token counts (it has no `stream_options`), so
+the chunk that ends a stream gets a `usage` as llama-server's does; warmpool's Ollama translation needs
+it for `prompt_eval_count`.
 """
 
 from __future__ import annotations
@@ -173,11 +177,46 @@ def apply_server_settings(fields: dict[str, Any]) -> None:
     server_app._ping_message_factory = (lambda: b"") if server.disable_ping_events else None
 
 
+def count_stream_tokens() -> None:
+    """Give the finishing chunk of every streamed completion a `usage`: the prompt's tokens exactly as
+    `Llama.generate` was given them, and the tokens it produced that the answer kept (all but an
+    end-of-generation token), which is how llama-cpp-python counts a non-streamed answer."""
+    from llama_cpp import Llama, llama_vocab_is_eog
+
+    generate, complete, chat = Llama.generate, Llama.create_completion, Llama.create_chat_completion
+
+    def counting_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        self.warmpool_usage = counts = [len(tokens), 0]
+        for token in generate(self, tokens, *args, **kwargs):
+            counts[1] += not llama_vocab_is_eog(self._model.vocab, token)
+            yield token
+
+    def with_usage(self: Any, chunks: Any) -> Any:
+        for chunk in chunks:
+            choices = chunk.get("choices") or [{}]
+            counts = getattr(self, "warmpool_usage", None)
+            if choices[0].get("finish_reason") and counts is not None:
+                chunk["usage"] = {"prompt_tokens": counts[0], "completion_tokens": counts[1],
+                                  "total_tokens": counts[0] + counts[1]}
+            yield chunk
+
+    def streaming(create: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = create(self, *args, **kwargs)
+            return with_usage(self, result) if kwargs.get("stream") else result
+        return call
+
+    Llama.generate = counting_generate  # type: ignore[method-assign]
+    Llama.create_completion = streaming(complete)  # type: ignore[method-assign]
+    Llama.create_chat_completion = streaming(chat)  # type: ignore[method-assign]
+
+
 def build_app(slot: Slot) -> Any:
     """llama-cpp-python's own app, with `slot` in place of the model proxy and no model loaded yet."""
     import llama_cpp.server.app as server_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    count_stream_tokens()
     original = server_app.set_llama_proxy
     server_app.set_llama_proxy = lambda model_settings: None  # create_app would load a model here
     try:

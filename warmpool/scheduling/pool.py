@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -33,7 +34,7 @@ from warmpool.errors import (
     WarmpoolError,
 )
 from warmpool.metrics import Metrics
-from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan
+from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan, victims_for
 from warmpool.scheduling.swaps import SwapRecord, SwapSteps
 
 log = logging.getLogger("warmpool.scheduler")
@@ -69,11 +70,12 @@ class Lease:
     asynccontextmanager: every proxied request takes one, and the generator form costs several times more.
     """
 
-    __slots__ = ("held", "model", "pool", "waited")
+    __slots__ = ("held", "model", "pool", "use", "waited")
 
-    def __init__(self, pool: Pool, model: str) -> None:
+    def __init__(self, pool: Pool, model: str, use: bool = True) -> None:
         self.pool = pool
         self.model = model
+        self.use = use  # whether it counts as a use of the model (its idle clock, the RAM tier's counts)
         self.held = False
         self.waited = 0.0  # seconds spent in the queue
 
@@ -98,7 +100,7 @@ class Lease:
         """Give the lease back (once; later calls do nothing)."""
         if self.held:
             self.held = False
-            self.pool._release(self.model)
+            self.pool._release(self.model, self.use)
 
     async def __aenter__(self) -> Lease:
         if not self.try_now():
@@ -148,9 +150,10 @@ class Pool:
 
     # -- leases -------------------------------------------------------------------------------------
 
-    def lease(self, model: str) -> Lease:
-        """A lease on `model`, not yet taken: see `Lease`."""
-        return Lease(self, model)
+    def lease(self, model: str, *, use: bool = True) -> Lease:
+        """A lease on `model`, not yet taken: see `Lease`. With `use=False` (warmpool re-arming Ollama's
+        keep_alive) its release neither restarts the model's idle time nor counts as a use."""
+        return Lease(self, model, use)
 
     def _admit_now(self, model: str) -> bool:
         if self.closed:
@@ -159,6 +162,21 @@ class Pool:
             self.models[model].inflight += 1
             return True
         return False
+
+    def set_keep_alive(self, model: str, seconds: float | None) -> None:
+        """A client's keep_alive, as Ollama takes it: the model's idle expiry from now until it is next
+        loaded (a load starts from the configured one); None (not sent) leaves it; infinite: no expiry.
+        Set while the request holds its lease: the release re-plans."""
+        if seconds is not None:
+            self.models[model].keep_alive = None if math.isinf(seconds) else seconds
+
+    def idle_expiry(self, model: str) -> float | None:
+        """When (on `clock`) warmpool unloads `model` if it stays idle: its keep_alive after its last use;
+        None when it stays while in budget (no keep_alive, or pinned)."""
+        state = self.models[model]
+        if state.pinned or state.keep_alive is None:
+            return None
+        return max(state.last_used, state.loaded_at) + state.keep_alive
 
     def available(self, model: str) -> bool:
         """Whether a lease on `model` would be granted without waiting."""
@@ -172,13 +190,31 @@ class Pool:
             return f"loading {model}{source}"
         if self.swap_task is not None:
             return f"waiting for a swap to {self.swap_target or 'free room'} before loading {model}"
-        return f"queued for {model}"
+        return self._blocked_by(model) or f"queued for {model}"
 
-    def _release(self, model: str) -> None:
+    def _blocked_by(self, model: str) -> str | None:
+        """Why no swap to `model` starts yet: a victim still serving requests, or one inside its
+        min_residency (until then, or until the oldest waiter's max_wait, whichever comes first)."""
+        now, view = self.clock(), self.view()
+        victims = victims_for(view, model) or []
+        busy = [v for v in victims if v.inflight]
+        if busy:
+            v = busy[0]
+            return f"waiting for {v.name}'s {v.inflight} running request{'s' if v.inflight > 1 else ''} to finish"
+        young = [v for v in victims if now - v.loaded_at < v.min_residency]
+        if not young:
+            return None
+        v = max(young, key=lambda m: m.loaded_at + m.min_residency)
+        oldest = min((w.since for w in view.waiters), default=now)
+        left = min(v.loaded_at + v.min_residency, oldest + view.max_wait) - now
+        return f"waiting for {v.name}'s min_residency, {max(0.0, left):.0f} s left"
+
+    def _release(self, model: str, use: bool = True) -> None:
         state = self.models[model]
         state.inflight -= 1
-        state.last_used = self.clock()
-        self.hooks.record_use(model)
+        if use:
+            state.last_used = self.clock()
+            self.hooks.record_use(model)
         # While the model stays busy and nobody waits, a new plan would decide what the last one did.
         if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()
