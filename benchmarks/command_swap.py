@@ -3,7 +3,8 @@ with the same model, chat template and prompts, in one warmpool, side by side.
 
 Three pools of one slot each (max_resident 1), each with the demo GGUF (gemma-3 270M) as two models:
 
-- `llamacpp`: the llamacpp kind (llama-cpp-python server per model, spare worker on), chat_format gemma;
+- `llamacpp`: the llamacpp kind (a long-lived llama-cpp-python worker per slot, context kept across
+  swaps), chat_format gemma;
 - `command`: kind: command running llama-server (built by tests/build_llama_server.py), `--chat-template
   gemma`;
 - `command+slots`: the same with `--slot-save-path ${SLOT_DIR}`: the slot is saved before the swap away
@@ -163,7 +164,7 @@ async def run(url: str, trials: int) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {pool: {row: [] for row in ROWS} for pool in POOLS}
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        for pool in POOLS:  # a first round unmeasured: spare workers started, files in the page cache
+        for pool in POOLS:  # a first round unmeasured: workers started, files in the page cache
             await trial(session, url, pool)
         for index in range(trials):
             for pool in POOLS[index % 3:] + POOLS[: index % 3]:

@@ -430,7 +430,7 @@ async def run_warmpool(bench: Bench, key: str, label: str, backend: dict[str, An
     wp = Warmpool(f"http://{HOST}:{port}", bench.session)
     async with running(argv, bench.path(f"{key}-warmpool.log")) as child:
         await wait_until("warmpool", child, lambda: wp.settled_on(bench.workload.models[0]), START_TIMEOUT)
-        await asyncio.sleep(bench.args.settle)  # the spare worker finishes its imports, like (a)'s startup
+        await asyncio.sleep(bench.args.settle)  # the slot workers finish their imports, like (a)'s startup
         before, wall_clock = await wp.swaps_total(), time.time()
         counted_before = await counter() if counter else 0
         samples, wall = await run_workload(Target(wp.base, by_phase=True), bench.workload, bench.args)
@@ -444,7 +444,7 @@ async def run_warmpool(bench: Bench, key: str, label: str, backend: dict[str, An
 
 
 async def system_b(bench: Bench) -> Result:
-    backend = {"kind": "llamacpp", "spare": True}
+    backend = {"kind": "llamacpp"}
     models = {name: {"gguf": bench.gguf, "n_ctx": N_CTX, "chat_format": "gemma", "use_mmap": True,
                      "use_mlock": False} for name in bench.workload.models}
     return await run_warmpool(bench, "b", "(b) warmpool, managed llama.cpp", backend, models)

@@ -1,21 +1,21 @@
 """What a managed llama.cpp swap really costs, from each tier, next to what the hardware allows.
 
 For the gemma-3 270M demo model and synthetic llama GGUFs of about 1 GB and 4 GB (random F16 weights,
-written with the `gguf` package; see tests/synthetic_gguf.py), it times load until first token
-(`ManagedServer.start()` → healthy, plus the one-token warm-up) through a spare worker (warmpool's swap
-path: the main number) and through a plain process start, from
+written with the `gguf` package; see tests/synthetic_gguf.py), it times load until first token (the
+load command to a slot worker, then a one-token request) in a ready slot worker (warmpool's swap path:
+the main number) and in a worker started for the load (imports included: the path after a crash), from
 
-- cold: the file dropped from the page cache (`posix_fadvise(DONTNEED)`, after the spare finished its
-  imports), no server running;
-- warm: the file wholly in the page cache, no server running;
-- resident: a server already running: time to first token of a one-token request with a prompt it has
+- cold: the file dropped from the page cache (`posix_fadvise(DONTNEED)`, after the worker finished its
+  imports), no model loaded;
+- warm: the file wholly in the page cache, no model loaded;
+- resident: the model already loaded: time to first token of a one-token request with a prompt it has
   not just seen (a repeated prompt is answered from llama-cpp-python's state without any compute), the
   no-swap floor.
 
 Next to each, its floor: file size over the disk's sequential read rate (cold; measured by reading a
 dropped file in 16 MiB chunks, like dd) or over the page cache's read rate (warm; the same read of a
 fully cached file). Every model file is a private copy in a temporary directory (a file another process
-maps cannot be dropped), removed at the end. Servers run with n_ctx 512 and warmpool's other defaults.
+maps cannot be dropped), removed at the end. Models load with n_ctx 512 and warmpool's other defaults.
 
     .venv/bin/python benchmarks/swap.py [--quick] [--repeat N] [--sizes-gb 1,4]
 """
@@ -41,8 +41,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # run from a checkout; the GGUF
 
 from synthetic_gguf import write_synthetic_gguf
 
-from warmpool.backends.llamacpp_process import ManagedServer
-from warmpool.cli.bench_pressure import evict_fraction, ready_spare
+from warmpool.backends.llamacpp_slot import Slot
+from warmpool.cli.bench_pressure import evict_fraction, ready_slot
 from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
 from warmpool.ramtier import pagecache
 
@@ -52,7 +52,7 @@ READ_CHUNK = 16 * MIB
 N_CTX = 512
 RESIDENT_REQUESTS = 5  # one-token requests timed against a running server, per repeat
 STATES = ("cold", "warm")
-PATHS = ("spare", "plain")
+PATHS = ("slot", "new")  # a ready slot worker (a swap); a worker started for the load (after a crash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +77,7 @@ class Rates:
         return size / rate if rate else None
 
 
-Samples = dict[tuple[str, str], list[float]]  # (state, path) -> seconds; ("resident", "spare") too
+Samples = dict[tuple[str, str], list[float]]  # (state, path) -> seconds; ("resident", "slot") too
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -132,27 +132,34 @@ def measure_rates(path: Path, repeat: int) -> Rates:
 
 # -- loads ---------------------------------------------------------------------------------------------
 
-def configs(subject: Subject, spare: bool) -> tuple[ModelConfig, BackendConfig]:
+def configs(subject: Subject) -> tuple[ModelConfig, BackendConfig]:
     model = ModelConfig(name="bench", backend="bench", upstream_name="bench",
                         llamacpp=LlamaCppModel(gguf=str(subject.path), n_ctx=N_CTX))
-    return model, BackendConfig(name="bench", kind="llamacpp", start_timeout=300, spare=spare)
+    return model, BackendConfig(name="bench", kind="llamacpp", start_timeout=300, context_budget=0)
 
 
-async def load_to_first_token(subject: Subject, state: str, spare: bool) -> float:
-    """Seconds from ManagedServer.start() to the end of its one-token warm-up, the file `state` first."""
-    model, backend = configs(subject, spare)
-    async with ready_spare(backend) as worker:
-        # After the spare's imports: nothing else touches the file between the drop and the start.
+async def load_to_first_token(subject: Subject, state: str, path: str) -> float:
+    """Seconds from the load command (after the worker's start, for `new`) to the first token of a
+    one-token request, the file `state` first."""
+    model, backend = configs(subject)
+    slot = Slot(0, backend, on_context=lambda slot, event: None, on_exit=lambda slot, reason: None)
+    if path == "slot":
+        await slot.spawn()
+        await slot.wait_ready(time.monotonic() + backend.start_timeout)
+    try:
+        # After the worker's imports: nothing else touches the file between the drop and the load.
         evicted = 1.0 if state == "cold" else 0.0
         resident = await asyncio.to_thread(evict_fraction, str(subject.path), evicted)
         _check_state(subject, state, resident.fraction)
-        server = ManagedServer(model, backend, spare=worker)
-        try:
-            await server.start()
-            await server.warm_up()
-        finally:
-            await server.stop()
-    return server.timings["start_to_ready"] + server.timings["warm_up"]
+        started = time.perf_counter()
+        if path == "new":
+            await slot.spawn()
+            await slot.wait_ready(time.monotonic() + backend.start_timeout)
+        await slot.load(model, None, time.monotonic() + backend.start_timeout)
+        await one_token(slot.url, " a")
+        return time.perf_counter() - started
+    finally:
+        await slot.stop()
 
 
 def _check_state(subject: Subject, state: str, fraction: float) -> None:
@@ -164,26 +171,22 @@ def _check_state(subject: Subject, state: str, fraction: float) -> None:
 
 
 async def resident_first_token(subject: Subject, requests: int) -> list[float]:
-    """Time to first token of one-token requests to a server that has the model loaded already."""
-    model, backend = configs(subject, spare=True)
-    async with ready_spare(backend) as worker:
-        server = ManagedServer(model, backend, spare=worker)
-        try:
-            await server.start()
-            await server.warm_up()  # the load's own first token is not part of the floor
-            return [await one_token(server, f" {chr(ord('a') + i % 26)}") for i in range(requests)]
-        finally:
-            await server.stop()
+    """Time to first token of one-token requests to a worker that has the model loaded already."""
+    model, backend = configs(subject)
+    async with ready_slot(backend) as slot:
+        await slot.load(model, None, time.monotonic() + backend.start_timeout)
+        await one_token(slot.url, " z")  # the load's own first token is not part of the floor
+        return [await one_token(slot.url, f" {chr(ord('a') + i % 26)}") for i in range(requests)]
 
 
-async def one_token(server: ManagedServer, prompt: str) -> float:
+async def one_token(url: str, prompt: str) -> float:
     """Seconds for a one-token completion of `prompt`. Each prompt must differ from the last:
     llama-cpp-python keeps the previous prompt's state and answers a repeat without evaluating anything
     (0.2 ms instead of 90 ms on the 1 GB model), which would be no floor at all."""
-    body = {"model": server.model.upstream_name, "prompt": prompt, "max_tokens": 1}
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 1}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         started = time.perf_counter()
-        async with session.post(server.url + "/v1/completions", json=body) as response:
+        async with session.post(url + "/v1/completions", json=body) as response:
             await response.read()
             response.raise_for_status()
         return time.perf_counter() - started
@@ -191,19 +194,19 @@ async def one_token(server: ManagedServer, prompt: str) -> float:
 
 async def measure_subject(subject: Subject, repeat: int) -> Samples:
     samples: Samples = {(state, path): [] for state in STATES for path in PATHS}
-    samples["resident", "spare"] = []
+    samples["resident", "slot"] = []
     for _ in range(repeat):
         for state in STATES:  # interleaved, so slow spells on a shared machine hit every cell alike
             for path in PATHS:
-                samples[state, path].append(await load_to_first_token(subject, state, path == "spare"))
-        samples["resident", "spare"] += await resident_first_token(subject, RESIDENT_REQUESTS)
+                samples[state, path].append(await load_to_first_token(subject, state, path))
+        samples["resident", "slot"] += await resident_first_token(subject, RESIDENT_REQUESTS)
     return samples
 
 
 # -- the table -----------------------------------------------------------------------------------------
 
-HEADER = (f"{'model':<28} {'size':>9} {'from':<8} {'spare s':>8} {'(min)':>7} {'plain s':>8} {'floor s':>8} "
-          f"{'spare/floor':>11} {'plain/floor':>11}")
+HEADER = (f"{'model':<28} {'size':>9} {'from':<8} {'slot s':>8} {'(min)':>7} {'new s':>8} {'floor s':>8} "
+          f"{'slot/floor':>11} {'new/floor':>11}")
 
 
 def table(results: list[tuple[Subject, Samples]], rates: Rates) -> str:
@@ -222,12 +225,12 @@ def _subject_lines(subject: Subject, samples: Samples, rates: Rates) -> list[str
     lines = []
     for i, state in enumerate((*STATES, "resident")):
         name, size = (subject.label, f"{subject.size / MIB:.0f} MiB") if i == 0 else ("", "")
-        spare = median(state, "spare")
-        plain = median(state, "plain") if samples.get((state, "plain")) else None
+        slot = median(state, "slot")
+        new = median(state, "new") if samples.get((state, "new")) else None
         floor = rates.floor(state, subject.size)
-        best = min(samples[state, "spare"])
-        lines.append(f"{name:<28} {size:>9} {state:<8} {spare:>8.3f} {best:>7.3f} {_num(plain, '8.3f')} "
-                     f"{_num(floor, '8.3f')} {_ratio(spare, floor)} {_ratio(plain, floor)}")
+        best = min(samples[state, "slot"])
+        lines.append(f"{name:<28} {size:>9} {state:<8} {slot:>8.3f} {best:>7.3f} {_num(new, '8.3f')} "
+                     f"{_num(floor, '8.3f')} {_ratio(slot, floor)} {_ratio(new, floor)}")
     warm_cold = [median("warm", path) / median("cold", path) for path in PATHS]
     lines.append(f"{'':<28} {'':>9} {'warm/cold':<8} {warm_cold[0]:>8.2f} {'':>7} {warm_cold[1]:>8.2f}")
     return lines

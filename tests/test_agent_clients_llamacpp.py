@@ -29,7 +29,7 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAW
 def wp(tmp_path_factory: pytest.TempPathFactory, gguf_path: str) -> Iterator[WarmpoolProcess]:
     raw = {
         "listen": "127.0.0.1:0",
-        "backends": {"local": {"kind": "llamacpp", "max_resident": 1, "spare": False}},
+        "backends": {"local": {"kind": "llamacpp", "max_resident": 1}},
         "models": llama_models(gguf_path, "coder"),
         "phases": {"execution": "coder"},
     }

@@ -111,8 +111,8 @@ def test_a_list_command_keeps_each_argument_whole() -> None:
     ({"command": ["srv", "${PORT}"], "env": {"1X": "a"}}, "models.m.env: invalid environment variable name"),
     ({"command": ["srv", "${PORT}"], "n_ctx": 512}, "models.m.n_ctx: only allowed when the backend kind is "
                                                     "llamacpp, not command"),
-    ({"command": ["srv", "${PORT}"], "backend_settings": {"spare": False}},
-     "backends.cmd.spare: only allowed when the backend kind is llamacpp, not command"),
+    ({"command": ["srv", "${PORT}"], "backend_settings": {"context_min_tokens": 8}},
+     "backends.cmd.context_min_tokens: only allowed when the backend kind is llamacpp, not command"),
     ({"command": ["srv", "${PORT}"], "backend_settings": {"context_budget": "lots"}},
      "backends.cmd.context_budget: "),
 ])

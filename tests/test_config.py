@@ -152,7 +152,7 @@ def test_example_config_with_its_commented_llamacpp_and_secret_sections_enabled_
     text = _uncomment(text, ("# gpu:", "# gemma:", "# api_key:", "# vram_budget: 24GiB", "# idle_default:"))
     cfg = load_config(write(tmp_path / "full.yaml", text), env={"REMOTE_API_KEY": "sk-test"})
     assert cfg.backends["gpu"].kind == "llamacpp"
-    assert cfg.backends["gpu"].spare is True
+    assert cfg.backends["gpu"].context_budget == 2 * 2**30 and cfg.backends["gpu"].context_min_tokens == 64
     assert cfg.backends["remote"].api_key == "sk-test"
     assert cfg.backends["local"].vram_budget == 24 * 2**30
     assert cfg.models["gemma"].gguf == str(gguf)
@@ -176,7 +176,8 @@ def test_every_key_of_the_schema_is_documented_in_the_example() -> None:
             "shutdown", "auth", "api_keys", "admin_keys", "scheduler", "max_queue", "queue_timeout",
             "max_wait",
             "min_residency", "backends", "kind", "url", "api_key", "max_resident", "vram_budget", "python",
-            "start_timeout", "stop_grace", "spare", "models", "backend", "upstream_name", "gguf", "n_ctx",
+            "start_timeout", "stop_grace", "context_budget", "context_dir", "context_spill_dir",
+            "context_spill_budget", "context_min_tokens", "models", "backend", "upstream_name", "gguf", "n_ctx",
             "n_gpu_layers", "n_threads", "n_batch", "chat_format", "embedding", "use_mmap", "use_mlock",
             "server_args", "options", "keep_alive", "pin", "size", "phases", "default_phase", "preload",
             "balancer", "agent_port", "agent_host", "drain_delay"]
@@ -300,13 +301,18 @@ def test_llamacpp_backend_and_model(tmp_path: Path) -> None:
     gguf = write(tmp_path / "m.gguf", "GGUF")
     cfg = build(minimal(
         backends={"gpu": {"kind": "llamacpp", "python": "/opt/py/bin/python", "start_timeout": "1m",
-                          "stop_grace": 2, "spare": False, "vram_budget": "8GiB", "max_resident": 2}},
+                          "stop_grace": 2, "vram_budget": "8GiB", "max_resident": 2,
+                          "context_budget": "512MiB", "context_dir": "/dev/shm/ctx", "context_spill_dir": "~/ctx",
+                          "context_spill_budget": "2GB", "context_min_tokens": 128}},
         models={"gemma": {"backend": "gpu", "gguf": str(gguf), "n_ctx": 0, "n_gpu_layers": -1, "n_threads": 4,
                           "chat_format": "gemma", "embedding": True, "use_mlock": True,
                           "server_args": {"flash_attn": True, "seed": 1}, "size": "300MB", "pin": True}},
     ))
     backend, model = cfg.backends["gpu"], cfg.models["gemma"]
-    assert (backend.start_timeout, backend.stop_grace, backend.spare) == (60.0, 2.0, False)
+    assert (backend.start_timeout, backend.stop_grace) == (60.0, 2.0)
+    assert (backend.context_budget, backend.context_dir) == (2**29, "/dev/shm/ctx")
+    assert backend.context_spill_budget == 2 * 10**9
+    assert backend.context_spill_dir == str(Path("~/ctx").expanduser()) and backend.context_min_tokens == 128
     assert (backend.vram_budget, backend.max_resident, backend.url) == (8 * 2**30, 2, None)
     assert model.llamacpp is not None and model.ollama is None
     llama = model.llamacpp
@@ -601,7 +607,7 @@ def test_all_problems_are_collected_in_one_error() -> None:
 
 def test_kind_specific_backend_keys() -> None:
     raw = minimal(backends={
-        "o": {"kind": "ollama", "url": "http://h", "api_key": "k", "python": "/p", "spare": False},
+        "o": {"kind": "ollama", "url": "http://h", "api_key": "k", "python": "/p", "context_budget": 0},
         "l": {"kind": "llamacpp", "url": "http://h"},
         "x": {"kind": "openai"},
     })
@@ -609,7 +615,7 @@ def test_kind_specific_backend_keys() -> None:
     assert problems_of(raw) == [
         "backends.o.api_key: only allowed when the backend kind is openai, not ollama",
         "backends.o.python: only allowed when the backend kind is llamacpp, not ollama",
-        "backends.o.spare: only allowed when the backend kind is llamacpp, not ollama",
+        "backends.o.context_budget: only allowed when the backend kind is llamacpp, not ollama",
         "backends.l.url: only allowed when the backend kind is ollama or openai, not llamacpp",
         "backends.x.url: required when the backend kind is openai",
     ]
@@ -790,7 +796,9 @@ def test_redacted_has_the_file_shape(tmp_path: Path) -> None:
     assert out["max_body_size"] == 64 * 2**20 and out["timeouts"]["first_byte"] == 600.0
     assert out["backends"]["gpu"] == {
         "kind": "llamacpp", "max_resident": 1, "vram_budget": 2**30, "python": None,
-        "start_timeout": 300.0, "stop_grace": 10.0, "spare": True, "idle_default": None, "idle_after": None,
+        "start_timeout": 300.0, "stop_grace": 10.0, "idle_default": None, "idle_after": None,
+        "context_budget": 2**30, "context_dir": None, "context_spill_dir": None, "context_spill_budget": 4 * 2**30,
+        "context_min_tokens": 64,
     }
     assert "python" not in out["backends"]["local"] and "api_key" not in out["backends"]["local"]
     assert out["models"]["planner"]["keep_alive"] == 300.0 and "gguf" not in out["models"]["planner"]

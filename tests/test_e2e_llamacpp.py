@@ -23,7 +23,7 @@ def wp(tmp_path_factory: pytest.TempPathFactory, gguf_path: str) -> Iterator[War
     raw = {
         "listen": "127.0.0.1:0",
         "max_body_size": "1MiB",
-        "backends": {"local": {"kind": "llamacpp", "max_resident": 1, "spare": True}},
+        "backends": {"local": {"kind": "llamacpp", "max_resident": 1}},
         "models": llama_models(gguf_path, "planner", "coder", "verifier"),
         "phases": {"context": "planner", "execution": "coder", "verification": "verifier"},
     }
@@ -36,8 +36,7 @@ def wp(tmp_path_factory: pytest.TempPathFactory, gguf_path: str) -> Iterator[War
 
 
 def llama_servers(root_pid: int) -> list[psutil.Process]:
-    """The llama.cpp server processes under warmpool: children listening on a port (an idle spare worker
-    has imported llama_cpp but listens on nothing)."""
+    """The llama.cpp worker processes under warmpool: children listening on a port (one per slot)."""
     found = []
     for child in psutil.Process(root_pid).children(recursive=True):
         try:

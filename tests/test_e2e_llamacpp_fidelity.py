@@ -29,7 +29,7 @@ def wp(tmp_path_factory: pytest.TempPathFactory, gguf_path: str) -> Iterator[War
     model = {"backend": "local", "gguf": gguf_path, "n_ctx": 1024, "chat_format": "gemma"}
     raw = {
         "listen": "127.0.0.1:0",
-        "backends": {"local": {"kind": "llamacpp", "max_resident": 1, "spare": True}},
+        "backends": {"local": {"kind": "llamacpp", "max_resident": 1}},
         "models": {"planner": {**model, "upstream_name": "gemma-up"}, "coder": dict(model)},
     }
     path = tmp_path_factory.mktemp("wp") / "warmpool.yaml"

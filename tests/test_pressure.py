@@ -59,10 +59,9 @@ async def test_run_pressure_measures_a_warm_and_a_cold_start(gemma_copy: str) ->
     assert warm.resident_at_start > 0.98
     assert cold.resident_at_start < 0.02
     for row in rows:
-        assert row.spare  # the backend's default, as warmpool swaps
         assert row.file_bytes == Path(gemma_copy).stat().st_size
-        assert row.start_to_ready > 0 and row.first_token > 0
-        assert row.load_to_first_token == pytest.approx(row.start_to_ready + row.first_token)
+        assert row.load > 0 and row.first_token > 0
+        assert row.load_to_first_token == pytest.approx(row.load + row.first_token)
         assert 0 < row.tokens <= 8 and row.tokens_per_s > 0
         assert row.at_first_token.majflt is not None and row.at_first_token.majflt >= 0
         assert row.during_generation.majflt is not None and row.during_generation.majflt >= 0
@@ -74,14 +73,6 @@ async def test_run_pressure_measures_a_warm_and_a_cold_start(gemma_copy: str) ->
     table = render(rows)
     assert "evicted" in table and "resident" in table
     assert len(table.splitlines()) == 2 + len(rows)  # title, header, rows, and no caveat notes
-
-
-async def test_run_pressure_without_a_spare_worker(gemma_copy: str) -> None:
-    backend = BackendConfig(name="local", kind="llamacpp", start_timeout=120, spare=False)
-    [row] = await run_pressure(model_for(gemma_copy), backend, fractions=(0.5,), tokens=4)
-    assert not row.spare
-    assert 0.4 < row.resident_at_start < 0.6
-    assert "plain process start" in render([row])
 
 
 def test_evict_fraction_drops_the_front_of_the_file(tmp_path: Path) -> None:
@@ -104,8 +95,8 @@ def test_read_counters_of_this_process() -> None:
 
 
 def test_render_warns_when_a_mapped_file_could_not_be_evicted() -> None:
-    row = PressureRow(evicted=1.0, resident_at_start=0.9, file_bytes=1 << 20, spare=True, start_to_ready=0.5,
-                      first_token=0.1, tokens=32, generate_seconds=1.0, at_first_token=Counters(3, None),
+    row = PressureRow(evicted=1.0, resident_at_start=0.9, file_bytes=1 << 20, load=0.5, first_token=0.1,
+                      tokens=32, generate_seconds=1.0, at_first_token=Counters(3, None),
                       during_generation=Counters(0, None))
     table = render([row])
     assert "another process maps this GGUF" in table

@@ -27,6 +27,8 @@ def scheduler_gauges(scheduler: Scheduler) -> Iterable[Sample]:
 def backend_gauges(backends: dict[str, Backend]) -> Iterable[Sample]:
     up = [([b.name, b.config.kind], 1.0 if b.healthy_once else 0.0) for b in backends.values()]
     yield ("warmpool_backend_up", "1 once the backend answered its health probe.", ["backend", "kind"], up)
+    for backend in backends.values():
+        yield from backend.state_metrics()  # e.g. managed llama.cpp's kept context
 
 
 def ram_tier_metrics(tier: RamTier) -> Iterable[Sample]:

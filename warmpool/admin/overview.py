@@ -60,4 +60,5 @@ class BackendHealth:
     def _entry(self, backend: Backend) -> dict[str, Any]:
         _, healthy, at = self._last.get(backend.name, (0.0, False, 0.0))
         return {"name": backend.name, "kind": backend.config.kind, "url": backend.config.url,
-                "healthy": healthy, "answered_once": backend.healthy_once, "checked_at": at}
+                "healthy": healthy, "answered_once": backend.healthy_once, "checked_at": at,
+                **(backend.status() or {})}  # what a backend shows of its own (managed llama.cpp: slots, context)

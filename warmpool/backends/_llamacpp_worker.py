@@ -1,16 +1,24 @@
-"""The spare worker: a llama-cpp-python server whose import cost is paid before it is given a model.
+"""A slot worker: one long-lived llama-cpp-python server process that loads and frees models on command,
+so a swap pays neither a process start nor the imports.
 
 Run as `python -m warmpool.backends._llamacpp_worker` (or by file path, for an interpreter that lacks
-warmpool: this module needs only the standard library and llama_cpp). It talks to its parent through
-stdout lines that start with `@warmpool ` followed by a JSON object:
+warmpool: this module needs only the standard library, llama_cpp and its sibling `_llamacpp_context.py`).
 
-1. die with the parent (PR_SET_PDEATHSIG), first thing, and exit if the parent is already gone;
-2. import llama_cpp, its server app and uvicorn, then print `{"event": "ready", "imports": seconds}`;
-3. block reading ONE JSON line from stdin: the flat llama-cpp-python `Settings` (server and model fields
-   mixed, exactly what `python -m llama_cpp.server` takes as flags); EOF means "not needed": exit 0;
-4. build llama-cpp-python's own app with `create_app(server_settings=..., model_settings=[...])` (this
-   loads the model), print `{"event": "loaded", "model_load": seconds}`, and run uvicorn the way
-   `llama_cpp.server.__main__` does.
+1. Die with the parent (PR_SET_PDEATHSIG), first thing, and exit if the parent is already gone.
+2. Import llama_cpp, its server app and uvicorn; build llama-cpp-python's own app (`create_app`: its
+   routes, middleware and error handling) with no model in it, bind a free loopback port and serve;
+   then print `{"event": "ready", "port": N, "imports": seconds}`.
+3. Read commands from stdin, one JSON object a line, each answered on stdout by `{"event": "done", "id"}`
+   (with timings) or `{"event": "failed", "id", "error"}`:
+   - `{"op": "load", "id", "settings", "context"}`: free the current model (saving its context), then
+     load the model with these flat llama-cpp-python settings (server fields mixed in, as
+     `python -m llama_cpp.server` takes them) through `LlamaProxy.load_llama_from_model_settings`;
+   - `{"op": "free", "id"}`: save the model's context and free it.
+   Both hold the server's model locks (the ones every inference endpoint takes), so they never run
+   beside a request. EOF on stdin means warmpool is done with the worker: it exits.
+
+Every line for warmpool starts with `@warmpool ` (other output may share stdout). Context events
+(`{"event": "context", ...}`: saves, restores, misses) come from `_llamacpp_context`.
 
 One addition to llama-cpp-python: its streams carry no token counts (it has no `stream_options`), so
 the chunk that ends a stream gets a `usage` as llama-server's does; warmpool's Ollama translation needs
@@ -19,17 +27,27 @@ it for `prompt_eval_count`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 PREFIX = "@warmpool "
 PARENT_PID_ENV = "WARMPOOL_PARENT_PID"
 PR_SET_PDEATHSIG = 1
+HOST = "127.0.0.1"
+
+_report_lock = threading.Lock()
 
 
 def die_with_parent() -> None:
@@ -42,7 +60,11 @@ def die_with_parent() -> None:
 
 
 def report(event: str, **fields: Any) -> None:
-    print(PREFIX + json.dumps({"event": event, **fields}), flush=True)
+    """One line for warmpool, written whole (requests run in threads that may report at the same time)."""
+    line = PREFIX + json.dumps({"event": event, **fields}) + "\n"
+    with _report_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def import_server() -> float:
@@ -56,9 +78,103 @@ def import_server() -> float:
     return time.perf_counter() - started
 
 
-def read_settings() -> dict[str, Any] | None:
-    line = sys.stdin.readline()
-    return json.loads(line) if line.strip() else None
+def context_module() -> ModuleType:
+    """`_llamacpp_context`, from warmpool when it is importable, else from the file beside this one."""
+    try:
+        import warmpool.backends._llamacpp_context as context
+    except ImportError:
+        path = Path(__file__).with_name("_llamacpp_context.py")
+        spec = importlib.util.spec_from_file_location("_llamacpp_context", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        return module
+    return context
+
+
+class Slot:
+    """What the app's endpoints reach as `llama_cpp.server.app._llama_proxy`: the one loaded model (or
+    none), in place of llama-cpp-python's `LlamaProxy`, which always holds one and swaps on its own."""
+
+    def __init__(self) -> None:
+        self.llama: Any = None
+        self.alias: str | None = None
+        self.keeper: Any = None
+
+    def __call__(self, model: str | None = None) -> Any:
+        if self.llama is None:
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=503, detail="no model loaded in this worker")
+        return self.llama
+
+    def __iter__(self) -> Any:
+        return iter([self.alias] if self.alias else [])
+
+    def load(self, settings: dict[str, Any], context: dict[str, Any] | None) -> dict[str, float]:
+        """Free the current model, then load one from flat settings; returns timings. Blocking."""
+        timings = self.free()
+        from llama_cpp.server.model import LlamaProxy
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+        server_fields = {k: v for k, v in settings.items() if k in ServerSettings.model_fields}
+        model_settings = ModelSettings(**{k: v for k, v in settings.items() if k not in server_fields})
+        apply_server_settings(server_fields)
+        started = time.perf_counter()
+        self.llama = LlamaProxy.load_llama_from_model_settings(model_settings)
+        self.alias = model_settings.model_alias
+        timings["model_load"] = time.perf_counter() - started
+        if context is not None and keeps_context(model_settings):
+            self.keeper = new_keeper(self.llama, model_settings, context)
+        return timings
+
+    def free(self) -> dict[str, float]:
+        """Save the model's context, then free it; returns timings. Blocking."""
+        timings: dict[str, float] = {}
+        if self.llama is None:
+            return timings
+        if self.keeper is not None:
+            started = time.perf_counter()
+            try:
+                self.keeper.save()
+            except Exception as exc:  # noqa: BLE001 - a failed save must not keep the model (and its memory)
+                report("context", failed=1, error=repr(exc))
+            timings["context_save"] = time.perf_counter() - started
+        started = time.perf_counter()
+        llama, self.llama, self.alias, self.keeper = self.llama, None, None, None
+        llama.close()
+        timings["free"] = time.perf_counter() - started
+        return timings
+
+
+def keeps_context(settings: Any) -> bool:
+    """Context is kept for generative text models: an embedding context does not generate, and the
+    multimodal chat handlers evaluate images outside `generate`."""
+    return not settings.embedding and settings.clip_model_path is None
+
+
+def new_keeper(llama: Any, settings: Any, context: dict[str, Any]) -> Any:
+    import llama_cpp
+
+    ctx = context_module()
+    config = ctx.ContextSettings.from_json(context)
+    store = ctx.ContextStore(config.tiers)
+    fingerprint = ctx.fingerprint(settings.model_dump(), llama_cpp.__version__)
+    keeper = ctx.ContextKeeper(llama, store, fingerprint, config.min_tokens, report)
+    keeper.install()
+    return keeper
+
+
+def apply_server_settings(fields: dict[str, Any]) -> None:
+    """Server-level settings of a model's `server_args` (api_key, disable_ping_events, ...) take effect
+    for as long as it is loaded; interrupt_requests stays off (it would cut running streams)."""
+    import llama_cpp.server.app as server_app
+    from llama_cpp.server.settings import ServerSettings
+
+    server = ServerSettings(**{**fields, "interrupt_requests": False})
+    server_app.set_server_settings(server)
+    server_app._ping_message_factory = (lambda: b"") if server.disable_ping_events else None
 
 
 def count_stream_tokens() -> None:
@@ -95,43 +211,84 @@ def count_stream_tokens() -> None:
     Llama.create_chat_completion = streaming(chat)  # type: ignore[method-assign]
 
 
-def build_app(settings: dict[str, Any]) -> tuple[Any, Any]:
-    """Split the flat settings as the CLI does (server fields vs model fields) and create the app."""
-    from llama_cpp.server.app import create_app
+def build_app(slot: Slot) -> Any:
+    """llama-cpp-python's own app, with `slot` in place of the model proxy and no model loaded yet."""
+    import llama_cpp.server.app as server_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
     count_stream_tokens()
+    original = server_app.set_llama_proxy
+    server_app.set_llama_proxy = lambda model_settings: None  # create_app would load a model here
+    try:
+        app = server_app.create_app(server_settings=ServerSettings(host=HOST, interrupt_requests=False),
+                                    model_settings=[ModelSettings(model="")])
+    finally:
+        server_app.set_llama_proxy = original
+    server_app._llama_proxy = slot  # type: ignore[assignment]
+    return app
 
-    server_fields = {k: v for k, v in settings.items() if k in ServerSettings.model_fields}
-    model_fields = {k: v for k, v in settings.items() if k not in ServerSettings.model_fields}
-    server = ServerSettings(**server_fields)
-    app = create_app(server_settings=server, model_settings=[ModelSettings(**model_fields)])
-    return app, server
+
+async def run_locked(function: Any, *args: Any) -> Any:
+    """Run a blocking model operation in a thread while holding the server's model locks."""
+    import anyio.to_thread
+    from llama_cpp.server.app import get_llama_proxy
+
+    async with contextlib.asynccontextmanager(get_llama_proxy)():
+        return await anyio.to_thread.run_sync(function, *args)
 
 
-def serve(app: Any, server: Any) -> None:
-    """Run uvicorn with the same arguments as `llama_cpp.server.__main__` (minus its HOST/PORT env)."""
+async def handle(slot: Slot, command: dict[str, Any]) -> None:
+    ident = command.get("id")
+    try:
+        if command.get("op") == "load":
+            timings = await run_locked(slot.load, command["settings"], command.get("context"))
+        elif command.get("op") == "free":
+            timings = await run_locked(slot.free)
+        else:
+            raise ValueError(f"unknown command {command.get('op')!r}")
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to warmpool, the worker stays up
+        report("failed", id=ident, error=f"{type(exc).__name__}: {exc}")
+    else:
+        report("done", id=ident, **timings)
+
+
+def read_commands(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+    """Stdin reader thread: each line a command; None at EOF."""
+    for line in sys.stdin:
+        if line.strip():
+            loop.call_soon_threadsafe(queue.put_nowait, json.loads(line))
+    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+async def serve(imports: float) -> None:
     import uvicorn
 
-    uvicorn.run(
-        app,
-        host=server.host,
-        port=server.port,
-        ssl_keyfile=server.ssl_keyfile,
-        ssl_certfile=server.ssl_certfile,
-    )
+    slot = Slot()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))
+    config = uvicorn.Config(build_app(slot), access_log=False, log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if serving.done():
+            serving.result()  # raises what stopped it
+            return
+        await asyncio.sleep(0.005)
+    report("ready", port=sock.getsockname()[1], imports=imports)
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    threading.Thread(target=read_commands, args=(loop, queue), daemon=True).start()
+    while (command := await queue.get()) is not None:
+        await handle(slot, command)
+    server.should_exit = True
+    await serving
 
 
 def main() -> int:
     die_with_parent()
-    report("ready", imports=import_server())
-    settings = read_settings()
-    if settings is None:
-        return 0
-    started = time.perf_counter()
-    app, server = build_app(settings)
-    report("loaded", model_load=time.perf_counter() - started)
-    serve(app, server)
+    imports = import_server()
+    asyncio.run(serve(imports))
     return 0
 
 

@@ -22,6 +22,7 @@ from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.errors import BackendError, BackendTimeout, Dialect
 from warmpool.http.client import ConnectFailed, Origin, UpstreamBroken
 from warmpool.http.wire import encode_headers, forwardable
+from warmpool.metrics import Sample
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the client stack recomputes: never forwarded.
 HOP_BY_HOP = frozenset({
@@ -44,6 +45,10 @@ class LoadResult:
     seconds: float
     details: dict[str, float] = field(default_factory=dict)
     size: int | None = None  # bytes the loaded model occupies, when the backend reports it
+    # Whether the load ran until the model produced a token. False: the model is loaded, but its weights
+    # may be read only by its first request (the backend then reports that answer through `on_answered`,
+    # and the swap is over only then).
+    answered: bool = True
 
 
 @dataclass(slots=True)
@@ -59,7 +64,8 @@ class ResidentModel:
     size_vram: int = 0  # the part of `size` in GPU memory
 
 
-__all__ = ["Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream", "UpstreamBroken"]
+__all__ = ["AnsweredCallback", "Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream",
+           "UpstreamBroken"]
 
 
 class Upstream(Protocol):
@@ -88,9 +94,14 @@ class Upstream(Protocol):
 
 
 LostCallback = Callable[[str, str], None]  # (model, reason): a model vanished without warmpool unloading it
+AnsweredCallback = Callable[[str], None]  # (model): the first request after a load got its first bytes
 
 
 def _nobody_listens(model: str, reason: str) -> None:
+    pass
+
+
+def _nobody_waits(model: str) -> None:
     pass
 
 
@@ -109,6 +120,7 @@ class Backend:
         self.app_config = app_config
         self.models = {m.name: m for m in app_config.models.values() if m.backend == config.name}
         self.on_lost: LostCallback = _nobody_listens
+        self.on_answered: AnsweredCallback = _nobody_waits
         self.healthy_once = False
         self._session: aiohttp.ClientSession | None = None
         self._origins: dict[str, Origin] = {}
@@ -128,6 +140,11 @@ class Backend:
         """Where to report a model that left the upstream without warmpool unloading it (a crashed server):
         the pool that owns this backend subscribes when it is built."""
         self.on_lost = callback
+
+    def report_answers_to(self, callback: AnsweredCallback) -> None:
+        """Where to report that a model loaded with `LoadResult.answered` false has answered its first
+        request (or that its first request ended without an answer): the swap's timing ends there."""
+        self.on_answered = callback
 
     async def start(self) -> None:
         """Start probing the upstream in the background; an upstream that is down is never fatal."""
@@ -214,6 +231,14 @@ class Backend:
         """Called by the scheduler when none of this backend's models has a request running (the last
         one ended, or a swap ended with nobody waiting): a moment for background work that would slow a
         generation down."""
+
+    def state_metrics(self) -> Iterable[Sample]:
+        """Metrics read at scrape time from this backend's own state (e.g. the context it keeps)."""
+        return ()
+
+    def status(self) -> dict[str, Any] | None:
+        """What the status API shows about this backend beyond its pool (None: nothing)."""
+        return None
 
     def base_url(self, model: ModelConfig | None) -> str:
         """Where requests for `model` go."""

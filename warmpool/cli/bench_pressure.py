@@ -2,28 +2,29 @@
 left the page cache.
 
 Owns `run_pressure` (for each fraction: put the model's GGUF fully in the page cache, drop that fraction
-of it from the front, then start a real `ManagedServer` and measure), `render` (the table `warmpool bench
-pressure` prints) and `select_model` (a configured managed llama.cpp model, or one clear reason why not).
+of it from the front, then load it in a real slot worker, as a swap does, and measure), `render` (the
+table `warmpool bench pressure` prints) and `select_model` (a configured managed llama.cpp model, or one
+clear reason why not).
 
 Per row it measures:
 
 - the share of the file resident just before the start (cachestat/mincore, after the drop): the drop
   only removes pages no process has mapped, so a GGUF that another server maps stays partly or wholly
   resident, and the table shows what was really there rather than what was asked for;
-- start → healthy, and the one-token warm-up: with mmap the load returns before the weights are read,
-  so "load until first token" is their sum;
+- the load (the worker's `Llama` construction), and a one-token request after it: with mmap the load
+  returns before the weights are read, so "load until first token" is their sum;
 - tokens per second of a short generation through `/v1/completions` (wall clock, completion tokens
   as the server counts them: a model that stops at end-of-text produces fewer);
-- the server process's major page faults (`/proc/<pid>/stat` field 12) and the bytes it caused to be
+- the worker process's major page faults (`/proc/<pid>/stat` field 12) and the bytes it caused to be
   read from storage (`/proc/<pid>/io` read_bytes; None where the kernel will not show it), at the first
-  token and over the generation. With a spare worker the counters it ran up importing llama-cpp-python
-  (before it was given the model) are subtracted; a plain start counts its imports too.
+  token and over the generation. The counters the worker ran up importing llama-cpp-python (before it was
+  given the model) are subtracted.
 
 Expect major faults near zero even from a cold cache, with read bytes equal to the evicted part: the
 llama.cpp in llama-cpp-python 0.3.36 `madvise(MADV_WILLNEED)`s the whole mapping while loading
 (`llama_prefetch`), so the kernel reads the file ahead and the later faults find their pages already in
-the cache or in flight, which counts as minor. The cold read is therefore paid inside start → healthy,
-not at the first token; read bytes, not faults, show how much came from disk.
+the cache or in flight, which counts as minor. The cold read is therefore paid inside the load, not at
+the first token; read bytes, not faults, show how much came from disk.
 
 This is the honest version of seed 003's experiment: rather than pinning dummy memory until the kernel
 evicts the model (which needs swap and risks the OOM killer on a shared machine), it evicts exactly the
@@ -42,13 +43,13 @@ from typing import Any
 
 import aiohttp
 
-from warmpool.backends.llamacpp_process import ManagedServer, SpareWorker
+from warmpool.backends.llamacpp_slot import Slot
 from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.ramtier import pagecache
 
 __all__ = [
     "Counters", "PressureRow", "PressureSetupError", "evict_fraction", "parse_fractions", "read_counters",
-    "ready_spare", "render", "run_pressure", "select_model",
+    "ready_slot", "render", "run_pressure", "select_model",
 ]
 
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -82,19 +83,18 @@ def _minus(a: int | None, b: int | None) -> int | None:
 @dataclass(frozen=True, slots=True)
 class PressureRow:
     evicted: float  # fraction of the file asked to be dropped, from its start
-    resident_at_start: float  # fraction measured in the page cache just before the server started
+    resident_at_start: float  # fraction measured in the page cache just before the load
     file_bytes: int
-    spare: bool  # started through a pre-imported spare worker (as warmpool does)
-    start_to_ready: float  # seconds, ManagedServer.start(): spawn or hand-over → healthy
-    first_token: float  # seconds, the one-token warm-up after healthy
+    load: float  # seconds, the load command to a ready slot worker (as a swap sends it) → loaded
+    first_token: float  # seconds, a one-token request after the load
     tokens: int  # completion tokens of the generation
     generate_seconds: float
-    at_first_token: Counters  # since the model was handed over (spare) or the process started (plain)
+    at_first_token: Counters  # since the load command
     during_generation: Counters
 
     @property
     def load_to_first_token(self) -> float:
-        return self.start_to_ready + self.first_token
+        return self.load + self.first_token
 
     @property
     def tokens_per_s(self) -> float:
@@ -185,69 +185,62 @@ def _read_bytes(pid: int) -> int | None:
 
 async def run_pressure(model: ModelConfig, backend: BackendConfig, *,
                        fractions: Sequence[float] = (0.0, 0.5, 1.0), tokens: int = 32) -> list[PressureRow]:
-    """One row per fraction of the model's GGUF evicted before a real managed-server start."""
+    """One row per fraction of the model's GGUF evicted before a real load in a slot worker."""
     if model.gguf is None:
         raise PressureSetupError(f"model {model.name!r} has no gguf path")
     return [await _measure(model, backend, fraction, tokens) for fraction in fractions]
 
 
 async def _measure(model: ModelConfig, backend: BackendConfig, fraction: float, tokens: int) -> PressureRow:
-    async with ready_spare(backend) as spare:
-        # Evict after the spare finished importing: its imports must not refill anything we dropped,
-        # and what the server finds at hand-over is exactly what was measured.
+    async with ready_slot(backend) as slot:
+        # Evict after the worker finished importing: its imports must not refill anything we dropped,
+        # and what the load finds is exactly what was measured.
         resident = await asyncio.to_thread(evict_fraction, str(model.gguf), fraction)
-        baseline = read_counters(spare.pid) if spare is not None else ZERO
-        server = ManagedServer(model, backend, spare=spare)
-        try:
-            await server.start()
-            first_token = await server.warm_up()
-            assert server.pid is not None
-            loaded = read_counters(server.pid)
-            count, seconds = await _generate(server, tokens)
-            generated = read_counters(server.pid)
-        finally:
-            await server.stop()
+        assert slot.pid is not None
+        baseline = read_counters(slot.pid)
+        started = time.monotonic()
+        await slot.load(model, None, started + backend.start_timeout)
+        load = time.monotonic() - started
+        timeout = aiohttp.ClientTimeout(total=backend.start_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            _, first_token = await _complete(session, slot.url, model, " ", 1)
+            loaded = read_counters(slot.pid)
+            count, seconds = await _complete(session, slot.url, model, PROMPT, tokens)
+            generated = read_counters(slot.pid)
     return PressureRow(
-        evicted=fraction, resident_at_start=resident.fraction, file_bytes=resident.bytes_total,
-        spare=spare is not None, start_to_ready=server.timings["start_to_ready"], first_token=first_token,
-        tokens=count, generate_seconds=seconds,
+        evicted=fraction, resident_at_start=resident.fraction, file_bytes=resident.bytes_total, load=load,
+        first_token=first_token, tokens=count, generate_seconds=seconds,
         at_first_token=loaded - baseline, during_generation=generated - loaded,
     )
 
 
 @contextlib.asynccontextmanager
-async def ready_spare(backend: BackendConfig) -> AsyncIterator[SpareWorker | None]:
-    """A spare worker that has finished its imports, as warmpool's swap path uses, if the backend has
-    spares; always killed on the way out (a no-op once a server adopted it and was stopped)."""
-    if not backend.spare:
-        yield None
-        return
-    spare = await SpareWorker.spawn(backend)
+async def ready_slot(backend: BackendConfig) -> AsyncIterator[Slot]:
+    """A slot worker that has finished its imports, as warmpool's swaps find it; stopped on the way out."""
+    slot = Slot(0, backend, on_context=lambda slot, event: None, on_exit=lambda slot, reason: None)
+    await slot.spawn()
     try:
-        if not await spare.wait_ready(backend.start_timeout):
-            raise RuntimeError(f"spare worker {spare} did not finish its imports")
-        yield spare
+        await slot.wait_ready(time.monotonic() + backend.start_timeout)
+        yield slot
     finally:
-        await spare.close()
+        await slot.stop()
 
 
-async def _generate(server: ManagedServer, tokens: int) -> tuple[int, float]:
+async def _complete(session: aiohttp.ClientSession, url: str, model: ModelConfig, prompt: str,
+                    tokens: int) -> tuple[int, float]:
     """(completion tokens, seconds) of one non-streamed completion of up to `tokens` tokens."""
-    body: dict[str, Any] = {"model": server.model.upstream_name, "prompt": PROMPT, "max_tokens": tokens,
+    body: dict[str, Any] = {"model": model.upstream_name, "prompt": prompt, "max_tokens": tokens,
                             "temperature": 0.0}
-    timeout = aiohttp.ClientTimeout(total=server.backend.start_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        started = time.monotonic()
-        async with session.post(server.url + "/v1/completions", json=body) as response:
-            answer = await response.json()
-            response.raise_for_status()
-        seconds = time.monotonic() - started
-    return int(answer["usage"]["completion_tokens"]), seconds
+    started = time.monotonic()
+    async with session.post(url + "/v1/completions", json=body) as response:
+        answer = await response.json()
+        response.raise_for_status()
+    return int(answer["usage"]["completion_tokens"]), time.monotonic() - started
 
 
 # -- the table ---------------------------------------------------------------------------------------
 
-HEADER = (f"{'evicted':>7} {'resident':>8} {'start→ready':>11} {'1st token':>9} {'load→token':>10} "
+HEADER = (f"{'evicted':>7} {'resident':>8} {'load':>11} {'1st token':>9} {'load→token':>10} "
           f"{'tok/s':>6} {'majflt load':>11} {'majflt gen':>10} {'read MiB load':>13} {'read MiB gen':>12}")
 
 
@@ -256,15 +249,15 @@ def render(rows: Sequence[PressureRow]) -> str:
     if not rows:
         return "no measurements"
     first = rows[0]
-    how = "spare worker (as warmpool swaps)" if first.spare else "plain process start"
-    lines = [f"GGUF {first.file_bytes / MIB:.0f} MiB, {how}; resident = share in the page cache at start",
+    lines = [f"GGUF {first.file_bytes / MIB:.0f} MiB, loaded in a slot worker (as warmpool swaps); "
+             "resident = share in the page cache at start",
              HEADER, *map(_row_line, rows)]
     return "\n".join(lines + _notes(rows))
 
 
 def _row_line(row: PressureRow) -> str:
     load, gen = row.at_first_token, row.during_generation
-    return (f"{row.evicted:>7.0%} {row.resident_at_start:>8.1%} {row.start_to_ready:>10.3f}s "
+    return (f"{row.evicted:>7.0%} {row.resident_at_start:>8.1%} {row.load:>10.3f}s "
             f"{row.first_token:>8.3f}s {row.load_to_first_token:>9.3f}s {row.tokens_per_s:>6.1f} "
             f"{_count(load.majflt):>11} {_count(gen.majflt):>10} {_mib(load.read_bytes):>13} "
             f"{_mib(gen.read_bytes):>12}")

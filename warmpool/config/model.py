@@ -52,10 +52,15 @@ class BackendConfig:
     stop_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
     # managed llama.cpp only:
     python: str | None = None  # interpreter that has llama_cpp installed; default: warmpool's own
-    spare: bool = True  # keep a pre-imported worker process ready so a swap pays only the model load
-    # command only: where saved server slots (KV caches) are kept, and how many bytes of them at most
-    context_dir: str | None = None  # None = ${XDG_CACHE_HOME:-~/.cache}/warmpool/contexts/<backend name>
-    context_budget: int = 2 * 1024**3
+    # Context kept across swaps (llamacpp: saved KV states of recent conversations; command: saved
+    # server slots): at most context_budget bytes, in context_dir.
+    context_budget: int = 1 << 30  # bytes of saved state kept; 0 keeps none
+    # context_dir None: for llamacpp a private directory under /dev/shm; for command
+    # ${XDG_CACHE_HOME:-~/.cache}/warmpool/contexts/<backend>
+    context_dir: str | None = None
+    context_spill_dir: str | None = None  # llamacpp: a directory on disk for states pushed out of RAM; None: dropped
+    context_spill_budget: int = 4 << 30  # bytes of saved state kept in context_spill_dir
+    context_min_tokens: int = 64  # llamacpp: shorter conversations are not worth saving
     idle_default: str | None = None  # model to load again once the pool has been idle for `idle_after`
     idle_after: float | None = None  # seconds of idleness before returning to `idle_default`
 

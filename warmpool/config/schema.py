@@ -169,16 +169,16 @@ _NESTED = (*_SECTIONS, "backends", "models", "phases")
 _BACKEND: dict[str, Parser] = {
     "kind": _choice(*_KINDS), "url": _url, "api_key": _nullable(_secret), "max_resident": _int(1),
     "vram_budget": _nullable(_nonzero(parse_size)), "python": _nullable(_path), "start_timeout": _timeout,
-    "stop_grace": parse_duration, "spare": _bool, "idle_default": _nullable(_str),
-    "idle_after": _nullable(_timeout), "context_dir": _nullable(_file_path), "context_budget": parse_size,
+    "stop_grace": parse_duration, "idle_default": _nullable(_str),
+    "idle_after": _nullable(_timeout), "context_budget": parse_size, "context_dir": _nullable(_file_path),
+    "context_spill_dir": _nullable(_path), "context_spill_budget": parse_size, "context_min_tokens": _int(1),
 }
 # Keys that only some backend kinds take, and keys that some kinds require.
 _BACKEND_KINDS: dict[str, tuple[str, ...]] = {
     "url": ("ollama", "openai"), "api_key": ("openai",),
-    **{key: _LLAMACPP for key in ("python", "spare")},
-    **{key: _MANAGED for key in ("start_timeout", "stop_grace")},
+    **{key: _LLAMACPP for key in ("python", "context_spill_dir", "context_spill_budget", "context_min_tokens")},
+    **{key: _MANAGED for key in ("start_timeout", "stop_grace", "context_budget", "context_dir")},
     **{key: ("ollama", *_MANAGED) for key in ("idle_default", "idle_after", "vram_budget")},
-    **{key: ("command",) for key in ("context_dir", "context_budget")},
 }
 _BACKEND_REQUIRED: dict[str, tuple[str, ...]] = {"url": ("ollama", "openai")}
 
