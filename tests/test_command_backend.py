@@ -124,10 +124,9 @@ def test_invalid_command_models(model: dict[str, Any], expected: str) -> None:
 
 def test_command_keys_belong_to_command_models() -> None:
     raw = command_config(["srv", "${PORT}"])
-    raw["backends"]["other"] = {"kind": "llamacpp", "context_dir": "/tmp/x"}
+    raw["backends"]["other"] = {"kind": "llamacpp", "context_dir": "/tmp/x"}  # context_dir: both managed kinds
     raw["models"]["o"] = {"backend": "other", "gguf": __file__, "command": ["srv"], "health": "/h"}
     assert problems_of(raw) == [
-        "backends.other.context_dir: only allowed when the backend kind is command, not llamacpp",
         "models.o.command: only allowed when the backend kind is command, not llamacpp",
         "models.o.health: only allowed when the backend kind is command, not llamacpp",
     ]

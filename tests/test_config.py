@@ -615,7 +615,7 @@ def test_kind_specific_backend_keys() -> None:
     assert problems_of(raw) == [
         "backends.o.api_key: only allowed when the backend kind is openai, not ollama",
         "backends.o.python: only allowed when the backend kind is llamacpp, not ollama",
-        "backends.o.context_budget: only allowed when the backend kind is llamacpp, not ollama",
+        "backends.o.context_budget: only allowed when the backend kind is llamacpp or command, not ollama",
         "backends.l.url: only allowed when the backend kind is ollama or openai, not llamacpp",
         "backends.x.url: required when the backend kind is openai",
     ]
