@@ -13,6 +13,7 @@ from warmpool.config.model import (
     MemoryAmount,
     ModelConfig,
     OllamaModel,
+    Priority,
     RamTierConfig,
     SchedulerConfig,
     Strategy,
@@ -23,6 +24,6 @@ from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
     "AuthConfig", "BackendConfig", "BackendKind", "Config", "LlamaCppModel", "LogConfig", "MemoryAmount",
-    "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig",
+    "ModelConfig", "OllamaModel", "Priority", "RamTierConfig", "SchedulerConfig", "Strategy", "TimeoutsConfig",
     "config_from_mapping", "discover_config_path", "load_config", "parse_duration", "parse_size", "redacted",
 ]
