@@ -295,3 +295,14 @@ def test_batch_never_drains_a_model_interactive_requests_use() -> None:
 def test_batch_swaps_away_from_an_idle_model() -> None:
     view = pool(resident("a"), absent("b"), waiters=[batch(1, "b", 0.0)])
     assert plan(view, now=1.0).load == "b"
+
+
+def test_batch_does_not_swap_away_from_a_model_an_agent_used_interactively_a_moment_ago() -> None:
+    # Between two requests of an interactive agent the model is idle, but still in use.
+    view = pool(resident("a", interactive_at=9.0), absent("b"), waiters=[batch(1, "b", 5.0)],
+                interactive_max_wait=5.0)
+    p = plan(view, now=10.0)
+    assert not p.swaps and p.wake_at == 14.0
+    assert plan(view, now=14.0).load == "b"
+    interactive = pool(resident("a", interactive_at=9.0), absent("b"), waiters=[w(1, "b", 5.0)])
+    assert plan(interactive, now=10.0).load == "b"  # among interactive requests nothing changes

@@ -17,8 +17,10 @@ so every rule below is tested alone (tests/test_policy.py):
   back to it would cost;
 - while an interactive request waits for a swap, batch requests are not served on the models it needs
   gone; once it has waited `interactive_max_wait`, the victims stop taking new requests and go as soon
-  as their running ones end, unless interactive requests use them (then `max_wait` applies); a batch
-  request never drains a model interactive requests use;
+  as their running ones end, unless interactive requests use them (then `max_wait` applies);
+- a batch request never causes a swap away from a model in interactive use: interactive requests run
+  on it or wait for it, or one ended on it less than `interactive_max_wait` ago (an agent between two
+  requests still uses its model);
 - once the target has waited `max_wait`, fairness wins over batching and minimum residency: the
   victims stop taking new requests and are evicted as soon as their running requests end;
 - an idle model past its `keep_alive` is unloaded; an idle pool goes back to its default model;
@@ -51,6 +53,7 @@ class ModelState:
     min_residency: float = 0.0
     keep_alive: float | None = None  # idle seconds before unloading; None = stay while in budget
     interactive: int = 0  # of `inflight`, the interactive requests
+    interactive_at: float = float("-inf")  # when an interactive request last ended on it
     expected_at: float | None = None  # when a request for it is next expected (learned phase order)
     reload_cost: float = 0.0  # seconds a swap back to it would cost (measured; 0 = not known)
 
@@ -172,23 +175,38 @@ def _next_target(view: PoolView) -> Waiter | None:
     return first_batch
 
 
-def _used_by_interactive(view: PoolView, model: ModelState) -> bool:
-    return model.interactive > 0 or any(
-        w.model == model.name and w.priority == "interactive" for w in view.waiters)
+def in_interactive_use(view: PoolView, model: ModelState, now: float) -> bool:
+    """Interactive requests run on `model` or wait for it, or one ended on it less than
+    `interactive_max_wait` ago."""
+    return (model.interactive > 0 or now - model.interactive_at < view.interactive_max_wait
+            or any(w.model == model.name and w.priority == "interactive" for w in view.waiters))
 
 
-def _drain_after(view: PoolView, target: Waiter, victims: list[ModelState]) -> float | None:
+def _drain_after(view: PoolView, target: Waiter, victims: list[ModelState], now: float) -> float | None:
     """Seconds the target may wait before its victims are drained; None: never (a batch request never
-    drains a model interactive requests use)."""
-    interactive_victims = any(_used_by_interactive(view, m) for m in victims)
+    drains a model in interactive use)."""
+    interactive_victims = any(in_interactive_use(view, m, now) for m in victims)
     if target.priority == "batch":
         return None if interactive_victims else view.max_wait
     return view.max_wait if interactive_victims else min(view.interactive_max_wait, view.max_wait)
 
 
 def _overdue(view: PoolView, target: Waiter, victims: list[ModelState], now: float) -> bool:
-    limit = _drain_after(view, target, victims)
+    limit = _drain_after(view, target, victims, now)
     return limit is not None and now - target.since >= limit
+
+
+def _batch_blocked(view: PoolView, target: Waiter, victims: list[ModelState], now: float) -> float | None:
+    """For a batch target whose victims are in interactive use: when to look again (inf: once their
+    running requests end); None when nothing blocks it."""
+    if target.priority != "batch":
+        return None
+    blocked = [m for m in victims if in_interactive_use(view, m, now)]
+    if not blocked:
+        return None
+    if any(m.interactive > 0 for m in blocked):
+        return float("inf")
+    return max(m.interactive_at + view.interactive_max_wait for m in blocked)
 
 
 def _needed_victims(view: PoolView, wanted: ModelState) -> list[ModelState] | None:
@@ -201,6 +219,10 @@ def _plan_swap(view: PoolView, target: Waiter, now: float, result: Plan, busy: s
     if needed is None:
         _fail_model(view, wanted, result)
         return
+    blocked_until = _batch_blocked(view, target, needed, now)
+    if blocked_until is not None:  # a batch request never swaps away from a model in interactive use
+        result.wake_at = blocked_until if blocked_until != float("inf") else None
+        return
     overdue = _overdue(view, target, needed, now)
     # Requests that would be served on a victim hold it within its min_residency; batch ones held back
     # for an interactive target do not.
@@ -211,7 +233,7 @@ def _plan_swap(view: PoolView, target: Waiter, now: float, result: Plan, busy: s
         waited_out = overdue and not all(_evictable_now(m, now, False, m.name in queued) for m in needed)
         result.reason = "max_wait" if waited_out else "demand"
         return
-    limit = _drain_after(view, target, needed)
+    limit = _drain_after(view, target, needed, now)
     wakes = [None if limit is None else target.since + limit]
     wakes += [held_until(m, m.name in queued) for m in needed if not m.inflight and m.name not in busy]
     wake = _earliest(wakes)
