@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmpool.backends.base import Backend, Upstream
-from warmpool.config import Config, ModelConfig, parse_duration
+from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig, parse_duration
 from warmpool.dialects import ollama_from_openai, openai_from_ollama
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
@@ -32,6 +32,9 @@ from warmpool.scheduling.pool import Lease, Scheduler
 log = logging.getLogger("warmpool.access")
 MODEL_HEADER = "X-Warmpool-Model"
 PHASE_HEADER = routing.PHASE_HEADER
+PRIORITY_HEADER = "X-Warmpool-Priority"
+SESSION_HEADER = "X-Warmpool-Session"
+MAX_SESSION = 200  # characters of a session name kept
 
 
 @dataclass(slots=True)
@@ -46,6 +49,7 @@ class Exchange:
     raw: bytes = b""  # the body as the client sent it
     model: ModelConfig | None = None
     phase: str | None = None
+    priority: Priority = "interactive"
     queue_wait: float = 0.0
     meters: RequestMeters | None = None  # set with the model when metrics are on
 
@@ -118,8 +122,10 @@ class Proxy:
         choice = routing.choose_model(
             self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
+        ex.priority = request_priority(ex.request.headers.get(PRIORITY_HEADER), ex.phase, self.cfg.scheduler)
         if self.metrics is not None:
-            ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect)
+            ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect,
+                                            ex.priority)
         backend = self.backends[ex.model.backend]
         if path in routing.MODEL_ADMIN:
             return await self._model_admin(ex, backend)
@@ -139,7 +145,7 @@ class Proxy:
         if ex.dialect == "ollama" and ollama_from_openai.is_ollama_preload(ex.request.path, ex.body):
             return await self._load_or_unload(ex)
         path, body, transform = self._upstream_request(ex, backend)
-        lease = self.scheduler.lease(ex.model.name)
+        lease = self.scheduler.lease(ex.model.name, ex.priority, session_of(ex.request), ex.phase)
         if not lease.try_now():
             if self._wants_feedback(ex):
                 return await self._inference_with_feedback(ex, backend, lease, path, body, transform)
@@ -251,6 +257,27 @@ def is_zero_duration(value: Any) -> bool:
         return parse_duration(value) == 0
     except ValueError:
         return False
+
+
+def request_priority(header: str | None, phase: str | None, sched: SchedulerConfig) -> Priority:
+    """The request's class: `X-Warmpool-Priority`, else its phase's configured default, else the default."""
+    if header is None:
+        return sched.priorities.get(phase or "", sched.default_priority)
+    value = header.strip().lower()
+    if value == "interactive":
+        return "interactive"
+    if value == "batch":
+        return "batch"
+    raise BadRequest(f"{PRIORITY_HEADER} must be 'interactive' or 'batch', got {header[:40]!r}")
+
+
+def session_of(request: Incoming) -> str | None:
+    """The client session whose phase order the scheduler learns: `X-Warmpool-Session`, else the client's
+    address; None when neither is known."""
+    named = request.headers.get(SESSION_HEADER)
+    if named is not None and named.strip():
+        return "session:" + named.strip()[:MAX_SESSION]
+    return "address:" + request.peer if request.peer else None
 
 
 def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
