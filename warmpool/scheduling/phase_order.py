@@ -56,6 +56,7 @@ class PhaseOrder:
         self.max_sessions = max_sessions
         self.horizon = horizon
         self.transitions: dict[str, Counter[str]] = {}
+        self.totals: Counter[str] = Counter()  # transitions counted from each step
         self.gaps: dict[tuple[str, str], float] = {}  # seconds from a step's end to the next step's start
         self.models: dict[str, str] = {}  # step -> the model it was last routed to
         self.sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently seen first
@@ -97,7 +98,7 @@ class PhaseOrder:
     def likely_next(self, step: str) -> tuple[str, float] | None:
         """The successor of `step` with at least `threshold` of its observed transitions, and that share."""
         counts = self.transitions.get(step)
-        total = sum(counts.values()) if counts else 0
+        total = self.totals[step]
         if not counts or total < self.min_seen:
             return None
         successor, seen = counts.most_common(1)[0]
@@ -128,11 +129,13 @@ class PhaseOrder:
     def _count(self, step: str, successor: str) -> None:
         row = self.transitions.setdefault(step, Counter())
         row[successor] += 1
-        if sum(row.values()) > MAX_ROW:
+        self.totals[step] += 1
+        if self.totals[step] > MAX_ROW:
             for key in list(row):
                 row[key] //= 2
                 if not row[key]:
                     del row[key]
+            self.totals[step] = sum(row.values())
 
     def _learn_gap(self, transition: tuple[str, str], gap: float) -> None:
         old = self.gaps.get(transition)
