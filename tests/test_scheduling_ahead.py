@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import eventually, running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator
+from warmpool.backends.base import NOT_FORWARDED_RAW
+from warmpool.http.wire import forwardable
 
 pytestmark = pytest.mark.timeout(120)
 LOOP = ("ctx", "exe", "ver")  # an agent's phases, mapped to models a, b, c
@@ -189,3 +191,8 @@ async def test_a_phase_default_class_and_a_bad_priority_header(emu: OllamaEmulat
                 assert r.status == 400 and (await r.json())["error"]["message"].startswith("X-Warmpool-Priority")
         text = await metrics(url)
     assert 'model="c",phase="ver",priority="batch",status="200"} 1.0' in text
+
+
+def test_warmpools_scheduling_headers_are_not_sent_upstream() -> None:
+    raw = [(b"X-Warmpool-Session", b"agent-7"), (b"x-warmpool-priority", b"batch"), (b"Accept", b"*/*")]
+    assert forwardable(raw, NOT_FORWARDED_RAW) == b"Accept: */*\r\n"
