@@ -10,9 +10,10 @@ BIN := $(VENV)/bin
 CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 export CMAKE_ARGS
 
-# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard) and
-# openssl (a certificate for the HTTPS upstream test).
-SYSTEM_TOOLS := chromium prometheus openssl
+# Programs some tests drive for real: headless Chromium (the status page), Prometheus (the dashboard),
+# openssl (a certificate for the HTTPS upstream test), HAProxy (three hosts in network namespaces behind it)
+# and nginx (its configuration check).
+SYSTEM_TOOLS := chromium prometheus openssl haproxy nginx
 
 .PHONY: serve test lint bench clean system-deps
 
@@ -26,11 +27,16 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check warmpool tests benchmarks
 	$(BIN)/mypy
 
+# Says what it installs, and why, before it does; apt's own output shows (`make test SYSTEM_DEPS=no` skips this).
+SYSTEM_DEPS ?= yes
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@[ "$(SYSTEM_DEPS)" = yes ] || exit 0; \
+	missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+			echo "system-deps: installing Debian packages:$$missing (apt-get install; the status page, dashboard"; \
+			echo "system-deps: and HTTPS upstream tests drive them; make test SYSTEM_DEPS=no skips this step)"; \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 		else echo "note: install$$missing (Debian packages) to run every test; without them those tests skip"; fi; \
 	fi
 

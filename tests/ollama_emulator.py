@@ -5,6 +5,11 @@ done_reasons (§1.4), /api/ps (§1.7), the scheduler's queue, reloads and evicti
 check and both error dialects (§1.1, §1.2). Loading is a sleep proportional to the model's size and
 generation is deterministic words, so tests can count swaps and time them loosely.
 
+Tools and images (section "tools, images and the Anthropic layer" below): a model with the "tools"
+capability answers a conversation that offers tools and does not end with a tool result by calling the
+first tool, with arguments made from its schema; one without it refuses tools as Ollama does. From v0.14 on
+it serves Anthropic's /v1/messages as Ollama documents it (docs/api/anthropic-compatibility.mdx).
+
     python -m tests.ollama_emulator --port 11434 --model qwen2.5:7b=4GB --model nomic-embed-text=300MB:embed
 """
 
@@ -72,6 +77,14 @@ class ApiError(Exception):
         error = {"message": self.message, "type": kind, "param": None, "code": None}
         return json_response({"error": error}, self.status)
 
+    def render_anthropic(self) -> web.Response:
+        """Ollama's Anthropic layer (anthropic.NewError): Anthropic's error types by status, a request id."""
+        kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}.get(self.status, "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": self.message},
+                "request_id": f"req_{random.getrandbits(96):024x}"}
+        return json_response(body, self.status)
+
 
 # -- pure helpers ---------------------------------------------------------------------------------
 
@@ -80,6 +93,11 @@ def normalize(name: str) -> str:
     for prefix in ("registry.ollama.ai/", "library/"):
         name = name.removeprefix(prefix)
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'0.6.4' -> (0, 6, 4); a pre-release suffix ('0.33.0-rc2') is ignored."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("-")[0])[:3])
 
 
 def go_quote(text: str) -> str:
@@ -246,6 +264,8 @@ class EmulatedModel:
     family: str = "llama"
     parameter_size: str = "7B"
     quantization_level: str = "Q4_K_M"
+    tools: bool = True  # the "tools" capability (the model's template renders tools)
+    vision: bool = False  # the "vision" capability (a projector for image input)
     digest: str = ""
     modified_at: float = field(default_factory=time.time)
 
@@ -303,6 +323,7 @@ class Generation:
     loaded: float = field(default_factory=time.monotonic)
     tokens: list[str] = field(init=False)
     reason: str = field(init=False)
+    calls: list[Json] = field(default_factory=list)  # tool calls (native shape) instead of text
 
     def __post_init__(self) -> None:
         self.tokens, self.reason = fake_tokens(self.canonical, self.prompt, self.limit)
@@ -315,13 +336,23 @@ class Generation:
         now = time.monotonic()
         return {"total_duration": ns(now - self.start), "load_duration": ns(self.loaded - self.start),
                 "prompt_eval_count": self.prompt_tokens, "prompt_eval_duration": self.prompt_tokens * 100_000,
-                "eval_count": len(self.tokens), "eval_duration": ns(now - self.loaded)}
+                "eval_count": self.output_tokens, "eval_duration": ns(now - self.loaded)}
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.tokens) + sum(len(dumps(c["function"]).split()) for c in self.calls)
+
+    def with_calls(self, calls: list[Json]) -> Generation:
+        """The answer is `calls` instead of text (a model calls tools without prose here)."""
+        if calls:
+            self.calls, self.tokens, self.reason = calls, [], "stop"
+        return self
 
     def context(self) -> list[int]:
         return [digest_int(w) % 32000 for w in self.prompt.split() + self.tokens]
 
     def usage(self) -> Json:
-        n, m = self.prompt_tokens, len(self.tokens)
+        n, m = self.prompt_tokens, self.output_tokens
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
@@ -492,6 +523,144 @@ class Scheduler:
         return task.result()
 
 
+# -- tools, images and the Anthropic layer ----------------------------------------------------------
+
+ANTHROPIC_SINCE = (0, 14)  # /v1/messages appeared in Ollama v0.14 (research/upstream_spec.md §1.3)
+NO_VISION = "this model is missing data required for image input"  # model/model.go ErrNoVisionModel
+
+
+def capabilities(model: EmulatedModel) -> list[str]:
+    """/api/show's capabilities: what the model's template and weights can do."""
+    if model.embedding:
+        return ["embedding"]
+    return ["completion"] + ["tools"] * model.tools + ["vision"] * model.vision
+
+
+def check_abilities(model: EmulatedModel, tools: Any, images: int) -> None:
+    """Ollama checks a request against the model's capabilities before scheduling it: tools for a model
+    whose template has none are a 400 "<full name> does not support tools"; images for a model without a
+    projector fail with ErrNoVisionModel (a 400 in current releases)."""
+    if tools and not model.tools:
+        name = model.name if "/" in model.name else f"registry.ollama.ai/library/{model.name}"
+        raise ApiError(400, f"{name} does not support tools")
+    if images and not model.vision:
+        raise ApiError(400, NO_VISION)
+
+
+def native_images(body: Json, chat: bool) -> int:
+    if not chat:
+        return len(body.get("images") or [])
+    return sum(len(m.get("images") or []) for m in body.get("messages") or [] if isinstance(m, dict))
+
+
+def openai_images(messages: Any) -> int:
+    return sum(1 for m in messages or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+
+
+def example_arguments(parameters: Any) -> Json:
+    """Arguments a model would fill in for a JSON schema: an enum's first value, else a typed placeholder."""
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    out: Json = {}
+    for name, schema in (properties or {}).items():
+        schema = schema if isinstance(schema, dict) else {}
+        if schema.get("enum"):
+            out[name] = schema["enum"][0]
+        else:
+            kind = schema.get("type")
+            out[name] = {"integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}}.get(
+                kind if isinstance(kind, str) else "", "emulated")
+    return out
+
+
+def tool_calls_for(tools: Any, messages: Any, *, native: bool) -> list[Json]:
+    """The emulated model's decision: offered tools and a conversation that does not end with a tool result
+    get a call of the first tool; Ollama's native shape ({"id", "function": {"index", "name", "arguments"}})."""
+    if not tools or not isinstance(tools, list):
+        return []
+    last = messages[-1] if isinstance(messages, list) and messages else {}
+    if isinstance(last, dict) and last.get("role") == "tool":
+        return []
+    function = tools[0].get("function") if isinstance(tools[0], dict) else None
+    if not isinstance(function, dict):
+        return []
+    arguments = example_arguments(function.get("parameters"))
+    return [{"id": f"call_{random.getrandbits(32):08x}",
+             "function": {"index": 0, "name": function.get("name", ""), "arguments": arguments}}]
+
+
+def openai_tool_calls(calls: list[Json]) -> list[Json]:
+    """Ollama's /v1 layer: arguments as a JSON string, an index and a type on each call."""
+    return [{"id": c["id"], "index": c["function"]["index"], "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": dumps(c["function"]["arguments"])}}
+            for c in calls]
+
+
+def anthropic_to_chat(body: Json) -> tuple[list[Json], list[Json]]:
+    """(messages, tools) of Ollama's /api/chat for an Anthropic request, as Ollama's Anthropic layer maps
+    them (docs/api/anthropic-compatibility.mdx): the system prompt first; text joined; base64 images
+    (URL images are not supported); tool_use blocks as tool calls; tool_result blocks as tool messages ahead
+    of the turn's text; thinking blocks as thinking; input_schema as the function's parameters."""
+    messages: list[Json] = []
+    system = body.get("system")
+    if isinstance(system, list):
+        system = "".join(b.get("text", "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+    if isinstance(system, str) and system:
+        messages.append({"role": "system", "content": system})
+    for message in body.get("messages") or []:
+        messages += anthropic_turn(message)
+    tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
+                                               "parameters": t.get("input_schema") or {}}}
+             for t in body.get("tools") or [] if isinstance(t, dict)]
+    return messages, tools
+
+
+def anthropic_turn(message: Any) -> list[Json]:
+    if not isinstance(message, dict):
+        raise ApiError(400, "invalid message")
+    role, content = str(message.get("role", "")).lower(), message.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+    text, images, calls, results, thinking = "", [], [], [], ""
+    for block in blocks:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text += block.get("text") or ""
+        elif kind == "image":
+            source = block.get("source") or {}
+            if source.get("type") != "base64":
+                raise ApiError(400, f"invalid image source type: {source.get('type')}. Only base64 images "
+                                    "are supported.")
+            images.append(source.get("data", ""))
+        elif kind == "tool_use":
+            if not block.get("id") or not block.get("name"):
+                raise ApiError(400, "tool_use block missing required 'id' or 'name' field")
+            calls.append({"id": block["id"], "function": {"name": block["name"], "arguments": block.get("input")}})
+        elif kind == "tool_result":
+            result = block.get("content")
+            if isinstance(result, list):
+                result = "".join(p.get("text", "") for p in result if isinstance(p, dict))
+            results.append({"role": "tool", "content": result or "", "tool_call_id": block.get("tool_use_id")})
+        elif kind == "thinking":
+            thinking = block.get("thinking") or ""
+    out = list(results) if role == "user" else []
+    if text or images or calls or thinking:
+        turn: Json = {"role": role, "content": text}
+        turn.update({k: v for k, v in (("images", images), ("tool_calls", calls), ("thinking", thinking)) if v})
+        out.append(turn)
+    return out if role == "user" else out + results
+
+
+def anthropic_stop_reason(reason: str, calls: bool) -> str:
+    return "tool_use" if calls else {"stop": "end_turn", "length": "max_tokens"}.get(reason, "stop_sequence")
+
+
+def anthropic_blocks(gen: Generation) -> list[Json]:
+    text = "".join(gen.tokens)
+    blocks: list[Json] = [{"type": "text", "text": text}] if text else []
+    return blocks + [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                      "input": c["function"]["arguments"]} for c in gen.calls]
+
+
 # -- the emulator ---------------------------------------------------------------------------------
 
 class OllamaEmulator:
@@ -500,9 +669,10 @@ class OllamaEmulator:
     def __init__(self, models: list[EmulatedModel], *, load_seconds_per_gb: float = 0.2,
                  token_delay: float = 0.005, max_loaded: int = 3, max_queue: int = 512,
                  default_keep_alive: float = 300.0, host_check: bool = True, version: str = "0.32.15",
-                 models_dir: str = "/root/.ollama/models") -> None:
+                 models_dir: str = "/root/.ollama/models", gpu: bool = False) -> None:
         self.token_delay, self.host_check, self.version, self.models_dir = (
             token_delay, host_check, version, models_dir)
+        self.gpu = gpu  # every runner fully on a GPU (size_vram == size), else CPU-only (size_vram 0)
         self.scheduler = Scheduler(self._record, load_seconds_per_gb=load_seconds_per_gb,
                                    max_loaded=max_loaded, max_queue=max_queue,
                                    default_keep_alive=default_keep_alive)
@@ -620,23 +790,32 @@ class OllamaEmulator:
                 self.scheduler.retire(runner, "unload request", UNLOAD_DELAY)
             return json_response(native_done(body["model"], chat, "unload"))
         self._capable(model, body["model"], "chat" if chat else "generate")
+        tools = body.get("tools") if chat else None
+        check_abilities(model, tools, native_images(body, chat))
         options = check_options(body.get("options"))
         async with self.scheduler.lease(request, model, options, keep_alive):
             if empty:  # §0.3: load without generating
                 return json_response(native_done(body["model"], chat, "load"))
             gen = Generation(body["model"], model.name, prompt, options.get("num_predict"), start)
+            gen.with_calls(tool_calls_for(tools, messages, native=True) if chat else [])
             frames = self._native_frames(gen, chat)
             if body.get("stream", True) is not False:
                 return await self._stream(request, frames, sse=False)
             final = [f async for f in frames][-1]
             final["message" if chat else "response"] = (
                 {"role": "assistant", "content": "".join(gen.tokens)} if chat else "".join(gen.tokens))
+            if gen.calls:
+                final["message"]["tool_calls"] = gen.calls
             return json_response(final)
 
     async def _native_frames(self, gen: Generation, chat: bool) -> AsyncIterator[Json]:
         async for token in self._decode(gen.tokens):
             text = {"message": {"role": "assistant", "content": token}} if chat else {"response": token}
             yield {"model": gen.model, "created_at": rfc3339(time.time(), utc=True), **text, "done": False}
+        if gen.calls:  # Ollama streams tool calls in a chunk of their own, before the final one
+            message = {"role": "assistant", "content": "", "tool_calls": gen.calls}
+            yield {"model": gen.model, "created_at": rfc3339(time.time(), utc=True), "message": message,
+                   "done": False}
         final = {**native_done(gen.model, chat, gen.reason), **gen.metrics()}
         yield final if chat else {**final, "context": gen.context()}
 
@@ -677,12 +856,13 @@ class OllamaEmulator:
         runners = sorted(self.scheduler.runners.values(), key=lambda r: -r.expires_at)
         return json_response({"models": [self._ps_entry(r) for r in runners]})
 
-    @staticmethod
-    def _ps_entry(runner: Runner) -> Json:
-        model = runner.model  # §1.7: size = runner footprint (here the file size); CPU-only => size_vram 0
+    def _ps_entry(self, runner: Runner) -> Json:
+        # §1.7: size = runner footprint (here the file size); size_vram = its part on the GPU: all of it
+        # with a GPU that fits it (the CLI's "100% GPU"), 0 on a CPU-only server ("100% CPU").
+        model = runner.model
         return {"name": model.name, "model": model.name, "size": model.size, "digest": model.digest,
-                "details": model.details(), "expires_at": rfc3339(runner.expires_at), "size_vram": 0,
-                "context_length": runner.options["num_ctx"]}
+                "details": model.details(), "expires_at": rfc3339(runner.expires_at),
+                "size_vram": model.size if self.gpu else 0, "context_length": runner.options["num_ctx"]}
 
     async def _show(self, request: web.Request) -> web.Response:
         model = self._model(await self._body(request), legacy=True)  # does not load (§1.3)
@@ -691,11 +871,15 @@ class OllamaEmulator:
                      'TEMPLATE "{{ .Prompt }}"\nPARAMETER stop "<|end|>"\n')
         info = {"general.architecture": model.family, "general.parameter_count": model.size * 2,
                 f"{model.family}.context_length": 32768, f"{model.family}.embedding_length": 8}
-        return json_response({
+        shown: Json = {
             "license": "", "modelfile": modelfile, "parameters": 'stop "<|end|>"',
             "template": "{{ .Prompt }}", "details": model.details(), "model_info": info,
-            "capabilities": ["embedding"] if model.embedding else ["completion"],
-            "modified_at": rfc3339(model.modified_at)})
+            "modified_at": rfc3339(model.modified_at)}
+        # `capabilities` came with Ollama v0.6.4 (ollama/ollama#10066, "server: add capabilities to show"):
+        # an older server does not say what a model can do (server/images.go: completion, embedding, ...).
+        if version_tuple(self.version) >= (0, 6, 4):
+            shown["capabilities"] = capabilities(model)
+        return json_response(shown)
 
     async def _pull(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
@@ -756,9 +940,13 @@ class OllamaEmulator:
                            chat: bool) -> web.StreamResponse:
         model = self._model(body)
         self._capable(model, body["model"], "chat" if chat else "generate")
+        tools = body.get("tools") if chat else None
+        messages = body.get("messages") if chat else []
+        check_abilities(model, tools, openai_images(messages))
         # §1.9: /v1 carries neither keep_alive nor options such as num_ctx
         async with self.scheduler.lease(request, model, {}, None):
             gen = Generation(body["model"], model.name, prompt, body.get("max_tokens"), start)
+            gen.with_calls(tool_calls_for(tools, messages, native=True))
             prefix = "chatcmpl" if chat else "cmpl"
             cid = f"{prefix}-{random.randint(0, 998)}"
             if body.get("stream") is True:
@@ -777,18 +965,25 @@ class OllamaEmulator:
             choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": token}
             first = False
             yield openai_chunk(gen, cid, kind, [{**choice, "finish_reason": None}])
+        if gen.calls:  # Ollama's /v1 layer: one delta carrying every call, then finish_reason tool_calls
+            delta = {"role": "assistant", "content": "", "tool_calls": openai_tool_calls(gen.calls)}
+            yield openai_chunk(gen, cid, kind, [{"index": 0, "delta": delta, "finish_reason": None}])
         end = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
-        yield openai_chunk(gen, cid, kind, [{**end, "finish_reason": gen.reason}])
+        reason = "tool_calls" if gen.calls else gen.reason
+        yield openai_chunk(gen, cid, kind, [{**end, "finish_reason": reason}])
         if usage:
             yield openai_chunk(gen, cid, kind, [], usage=gen.usage())
 
     @staticmethod
     def _v1_whole(gen: Generation, cid: str, chat: bool) -> Json:
         text = "".join(gen.tokens)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {
+        choice: Json = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {
             "index": 0, "text": text}
+        if gen.calls:
+            choice["message"]["tool_calls"] = openai_tool_calls(gen.calls)
         kind = "chat.completion" if chat else "text_completion"
-        return openai_chunk(gen, cid, kind, [{**choice, "finish_reason": gen.reason}], usage=gen.usage())
+        reason = "tool_calls" if gen.calls else gen.reason
+        return openai_chunk(gen, cid, kind, [{**choice, "finish_reason": reason}], usage=gen.usage())
 
     async def _v1_embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -814,6 +1009,73 @@ class OllamaEmulator:
         owner = model.name.split("/")[-2] if "/" in model.name else "library"
         return {"id": model.name, "object": "model", "created": int(model.modified_at), "owned_by": owner}
 
+    # -- Anthropic compatibility (v0.14+, docs/api/anthropic-compatibility.mdx) --
+
+    async def _v1_messages(self, request: web.Request) -> web.StreamResponse:
+        """/v1/messages as Ollama's Anthropic layer serves it: converted to a chat (options from max_tokens,
+        temperature, top_p, top_k, stop_sequences; no keep_alive), answered as a message or as the events
+        message_start, content_block_start/delta/stop, message_delta and message_stop. tool_choice and
+        count_tokens are documented as unsupported."""
+        start, body = time.monotonic(), await self._body(request)
+        model = self._model(body)
+        self._capable(model, body["model"], "chat")
+        messages, tools = anthropic_to_chat(body)
+        check_abilities(model, tools, native_images({"messages": messages}, True))
+        async with self.scheduler.lease(request, model, {}, None):
+            gen = Generation(body["model"], model.name, messages_text(messages), body.get("max_tokens"), start)
+            gen.with_calls(tool_calls_for(tools, messages, native=True))
+            message_id = f"msg_{random.getrandbits(96):024x}"
+            if body.get("stream") is True:
+                return await self._named_events(request, self._anthropic_events(gen, message_id))
+            async for _ in self._decode(gen.tokens):
+                pass
+            return json_response({
+                "id": message_id, "type": "message", "role": "assistant", "model": gen.model,
+                "content": anthropic_blocks(gen), "stop_reason": anthropic_stop_reason(gen.reason, bool(gen.calls)),
+                "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": gen.output_tokens}})
+
+    async def _anthropic_events(self, gen: Generation, message_id: str) -> AsyncIterator[tuple[str, Json]]:
+        start = {"id": message_id, "type": "message", "role": "assistant", "model": gen.model, "content": [],
+                 "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": 0}}
+        yield "message_start", {"type": "message_start", "message": start}
+        index, text_open = 0, False
+        async for token in self._decode(gen.tokens):
+            if not text_open:
+                text_open = True
+                yield "content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": {"type": "text", "text": ""}}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                          "delta": {"type": "text_delta", "text": token}}
+        for block in anthropic_blocks(gen):
+            if block["type"] != "tool_use":
+                continue
+            if text_open:
+                yield "content_block_stop", {"type": "content_block_stop", "index": index}
+                text_open, index = False, index + 1
+            yield "content_block_start", {"type": "content_block_start", "index": index,
+                                          "content_block": {**block, "input": {}}}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                          "delta": {"type": "input_json_delta", "partial_json": dumps(block["input"])}}
+            yield "content_block_stop", {"type": "content_block_stop", "index": index}
+            index += 1
+        if text_open:
+            yield "content_block_stop", {"type": "content_block_stop", "index": index}
+        usage = {"input_tokens": gen.prompt_tokens, "output_tokens": gen.output_tokens}
+        yield "message_delta", {"type": "message_delta", "usage": usage,
+                                "delta": {"stop_reason": anthropic_stop_reason(gen.reason, bool(gen.calls))}}
+        yield "message_stop", {"type": "message_stop"}
+
+    @staticmethod
+    async def _named_events(request: web.Request, events: AsyncIterator[tuple[str, Json]]) -> web.StreamResponse:
+        """Named SSE events (`event:` and `data:` lines), each written and flushed at once."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        with suppress(ConnectionResetError):
+            async for name, data in events:
+                await response.write(f"event: {name}\ndata: {dumps(data)}\n\n".encode())
+            await response.write_eof()
+        return response
+
     # -- app --
 
     @web.middleware
@@ -827,6 +1089,8 @@ class OllamaEmulator:
         try:
             return await handler(request)
         except ApiError as err:
+            if request.path.startswith("/v1/messages"):
+                return err.render_anthropic()
             return err.render(openai=request.path.startswith("/v1/"))
         except web.HTTPMethodNotAllowed:  # §1.1: gin's HandleMethodNotAllowed
             return web.Response(status=405, text="405 method not allowed")
@@ -850,6 +1114,8 @@ class OllamaEmulator:
                               ("/v1/completions", self._v1_completions),
                               ("/v1/embeddings", self._v1_embeddings)]:
             app.router.add_post(path, handler)
+        if version_tuple(self.version) >= ANTHROPIC_SINCE:  # older versions answer gin's 404
+            app.router.add_post("/v1/messages", self._v1_messages)
         app.router.add_delete("/api/delete", self._delete)
         return app
 

@@ -179,7 +179,8 @@ def test_every_key_of_the_schema_is_documented_in_the_example() -> None:
             "min_residency", "backends", "kind", "url", "api_key", "max_resident", "vram_budget", "python",
             "start_timeout", "stop_grace", "spare", "models", "backend", "upstream_name", "gguf", "n_ctx",
             "n_gpu_layers", "n_threads", "n_batch", "chat_format", "embedding", "use_mmap", "use_mlock",
-            "server_args", "options", "keep_alive", "pin", "size", "phases", "default_phase", "preload"]
+            "server_args", "options", "keep_alive", "pin", "size", "phases", "default_phase", "preload",
+            "balancer", "agent_port", "agent_host", "drain_delay"]
     missing = [key for key in keys if not re.search(rf"^\s*#?\s*{key}:", text, re.M)]
     assert missing == []
     assert text.count("optional, default:") >= 35
@@ -277,6 +278,7 @@ def test_full_values_are_parsed() -> None:
         auth={"api_keys": ["a", "b"], "admin_keys": ["c"]},
         scheduler={"max_queue": 3, "queue_timeout": "2m", "max_wait": 0, "min_residency": "10s"},
         phases={"context": "planner"}, default_phase="context", preload=["planner"],
+        balancer={"agent_port": 9100, "agent_host": "0.0.0.0", "drain_delay": "5s"},
     ))
     assert (cfg.listen_host, cfg.listen_port, cfg.listen) == ("::1", 0, "[::1]:0")
     assert (cfg.log.level, cfg.log.format, cfg.max_body_size) == ("warning", "json", 2**20)
@@ -284,6 +286,15 @@ def test_full_values_are_parsed() -> None:
     assert cfg.auth.api_keys == ("a", "b") and cfg.auth.admin_keys == ("c",)
     assert (cfg.scheduler.max_queue, cfg.scheduler.queue_timeout, cfg.scheduler.min_residency) == (3, 120, 10)
     assert cfg.preload == ("planner",) and cfg.default_phase == "context"
+    assert (cfg.balancer.agent_port, cfg.balancer.agent_host, cfg.balancer.drain_seconds) == (9100, "0.0.0.0", 5.0)
+
+
+def test_balancer_port_is_checked_and_the_drain_delay_follows_the_agent() -> None:
+    with pytest.raises(ConfigError, match=r"balancer.agent_port: expected a port number 0-65535, got 70000"):
+        build(minimal(balancer={"agent_port": 70000}))
+    assert build(minimal(balancer={"agent_port": 9100})).balancer.drain_seconds == 2.0
+    assert build(minimal(balancer={"agent_port": 9100, "drain_delay": 0})).balancer.drain_seconds == 0.0
+    assert build(minimal()).balancer.drain_seconds == 0.0
 
 
 def test_llamacpp_backend_and_model(tmp_path: Path) -> None:

@@ -121,8 +121,10 @@ class Stack:
     # What the emulator saw.
 
     def received(self, path: str | None = None) -> list[dict[str, Any]]:
-        """Bodies of the requests the emulator received (on `path`), in order."""
-        return [e["body"] for e in self.emu.events if e["event"] == "request" and path in (None, e["path"])]
+        """Bodies of the requests the emulator received (on `path`; without one, all but /api/show, which
+        warmpool asks at start to learn what each model can do), in order."""
+        return [e["body"] for e in self.emu.events if e["event"] == "request"
+                and (e["path"] == path if path else e["path"] != "/api/show")]
 
     def timeline(self, *kinds: str) -> list[tuple[str, str]]:
         """(event, model) pairs of the given kinds, in order; "unload_request" is a keep_alive-0 request."""
@@ -428,11 +430,13 @@ async def test_openai_dialect_does_not_reload_a_model_with_options(make_stack: M
     ("/api/generate", {"prompt": "hi"}),
     ("/api/chat", {"messages": [USER]}),
 ])
-@pytest.mark.parametrize("client_keep_alive", [-1, "5m", 0, "300"])
+@pytest.mark.parametrize("client_keep_alive", [-1, "5m", "-1m", 3600.5])
 async def test_client_keep_alive_is_replaced_on_native_endpoints(
         stack: Stack, path: str, body: dict[str, Any], client_keep_alive: Any) -> None:
+    """warmpool keeps sending its own keep_alive upstream, so Ollama never unloads behind its back; the
+    client's becomes warmpool's idle expiry for the model (tests/test_keep_alive.py)."""
     reply = await stack.post(path, {**body, "model": CODER, "stream": False, "keep_alive": client_keep_alive})
-    assert reply.status == 200, reply.body  # "300" alone would be a 400 from Ollama
+    assert reply.status == 200, reply.body
     assert stack.received(path)[-1]["keep_alive"] == CODER_KEEP_ALIVE
     llama = normalize(UPSTREAM[CODER])
     assert stack.emu.loaded()[llama]["keep_alive"] == CODER_KEEP_ALIVE  # a 0 would have unloaded it
@@ -467,13 +471,15 @@ async def test_host_header_is_rewritten_for_ollama(stack: Stack) -> None:
 
 # -- 5. listings and model management ----------------------------------------------------------------
 
-async def test_tags_lists_every_configured_model_under_its_name(stack: Stack) -> None:
+async def test_tags_lists_every_name_a_client_may_use(stack: Stack) -> None:
     async with stack.ollama() as client:
         listed = await client.list()
     by_name = {m.model: m for m in listed.models}
-    assert set(by_name) == {f"{m}:latest" for m in (PLANNER, CODER, REVIEWER, EMBEDDER)}
+    configured = {f"{m}:latest" for m in (PLANNER, CODER, REVIEWER, EMBEDDER)}
+    assert set(by_name) == configured | {normalize(n) for n in UPSTREAM.values()}
     assert by_name["planner:latest"].size == 1_000_000_000  # facts from the upstream's own entry
     assert by_name["embedder:latest"].details.family == "nomic-bert"
+    assert by_name["qwen2.5:7b"].digest == by_name["planner:latest"].digest
 
 
 async def test_ps_shows_what_is_loaded_under_configured_names(stack: Stack) -> None:
@@ -485,10 +491,10 @@ async def test_ps_shows_what_is_loaded_under_configured_names(stack: Stack) -> N
     assert running[0].size == 500_000_000
 
 
-async def test_v1_models_lists_configured_models(stack: Stack) -> None:
+async def test_v1_models_lists_every_name_a_client_may_use(stack: Stack) -> None:
     async with stack.openai() as client:
         ids = [m.id async for m in client.models.list()]
-    assert sorted(ids) == sorted([PLANNER, CODER, REVIEWER, EMBEDDER])
+    assert sorted(ids) == sorted([PLANNER, CODER, REVIEWER, EMBEDDER, *UPSTREAM.values()])
 
 
 async def test_v1_models_retrieves_one_model(stack: Stack) -> None:
@@ -505,7 +511,7 @@ async def test_show_is_forwarded_under_the_upstream_name(stack: Stack) -> None:
     digest = next(m.digest for m in emulated_store() if m.name == normalize(UPSTREAM[PLANNER]))
     assert f"blobs/sha256-{digest}" in (shown.modelfile or "")
     assert shown.details.family == "qwen2"
-    assert stack.received("/api/show") == [{"model": UPSTREAM[PLANNER]}]
+    assert stack.received("/api/show")[-1] == {"model": UPSTREAM[PLANNER]}
     assert stack.loads() == 0  # show never loads
 
 

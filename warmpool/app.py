@@ -7,17 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from warmpool.admin import routes as admin
+from warmpool.admin.agent import Agent
 from warmpool.admin.gauges import backend_gauges, ram_tier_metrics, scheduler_gauges
+from warmpool.admin.residency import add_residency_route
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
 from warmpool.config import Config
+from warmpool.errors import ListenError
 from warmpool.http import aiohttp_fallback, server
 from warmpool.metrics import Metrics
 from warmpool.proxy import routing
@@ -37,6 +42,8 @@ METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
 RAMTIER = web.AppKey("ramtier", object)  # RamTier | None
 FRONT_DOOR = web.AppKey("front_door", server.Lane)
+PRELOAD = web.AppKey("preload", asyncio.Task)
+AGENT = web.AppKey("agent", Agent)
 
 
 def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -53,11 +60,14 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
     app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
     app[RAMTIER] = tier
+    app[AGENT] = agent = Agent(cfg.balancer, scheduler)
+    app.cleanup_ctx.append(_agent_lifecycle)  # first in, last out: it says "drain" until the very end
     app[FRONT_DOOR] = server.Lane(proxy.handle, routing.is_known_path, cfg.max_body_size)
     app.cleanup_ctx.append(_backends_lifecycle)
     app.on_shutdown.append(_stop_admitting)
     app.on_shutdown.append(_finish_front_door)
-    admin.add_routes(app, cfg, backends, scheduler, metrics, tier)
+    admin.add_routes(app, cfg, backends, scheduler, metrics, tier, draining=lambda: agent.draining)
+    add_residency_route(app, scheduler, tier, agent, [k.encode() for k in cfg.auth.admin_keys])
     handle = aiohttp_fallback.handler(proxy.handle, cfg.max_body_size)
     for path in sorted(routing.INFERENCE | routing.MODEL_ADMIN | routing.LISTINGS):
         app.router.add_route("*", path, handle)  # a fixed path resolves in one dict lookup
@@ -80,6 +90,12 @@ def occupying(scheduler: Scheduler) -> set[str]:
     return {name for pool in scheduler.pools.values() for name, s in pool.models.items() if s.occupies}
 
 
+async def _agent_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    await app[AGENT].start()
+    yield
+    await app[AGENT].close()
+
+
 async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     backends: dict[str, Backend] = app[BACKENDS]
     await asyncio.gather(*(b.start() for b in backends.values()))
@@ -87,7 +103,8 @@ async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
     tier = app[RAMTIER]
     if isinstance(tier, RamTier):
         await tier.start()
-    tasks = [asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")]
+    app[PRELOAD] = asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")
+    tasks = [app[PRELOAD]]
     tasks += [
         asyncio.create_task(residency.watch(app[SCHEDULER].pools[name], b, app[METRICS]), name=f"watch:{name}")
         for name, b in backends.items() if b.expires_models
@@ -126,21 +143,50 @@ async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]
     door = app[FRONT_DOOR]
     door.fallback = runner.server
     server: asyncio.Server | None = None
+    announce: asyncio.Task[None] | None = None
     try:
-        server = await asyncio.get_running_loop().create_server(
-            door.protocol, cfg.listen_host, cfg.listen_port, reuse_address=True)
+        server = await _listen(door.protocol, cfg)
         url = _bound_url(server, cfg)
         log.info("warmpool listening on %s (config: %s)", url, cfg.source)
+        announce = asyncio.create_task(_announce_ready(app[PRELOAD]), name="announce-ready")
         if on_ready:
             on_ready(url)
         await (shutdown_trigger or _signal_trigger)()
+        await _drain_first(app)
         log.info("shutting down: no new requests; running streams get up to %g s", cfg.timeouts.shutdown)
     finally:
+        if announce is not None:
+            announce.cancel()
         if server is not None:
             server.close()
         door.close()
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _listen(protocol: Callable[[], asyncio.Protocol], cfg: Config) -> asyncio.Server:
+    try:
+        return await asyncio.get_running_loop().create_server(protocol, cfg.listen_host, cfg.listen_port,
+                                                              reuse_address=True)
+    except OSError as exc:  # the port is taken, or the address is not one of this host's
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        raise ListenError(f"cannot listen on {cfg.listen}: {reason} (set `listen` or --listen)") from None
+
+
+async def _announce_ready(preload_task: asyncio.Task[list[str]]) -> None:
+    """One "ready" line once the preload is done (a failing preload retries, so this may come late)."""
+    started = time.monotonic()
+    loaded = await asyncio.shield(preload_task)
+    what = f"preloaded {', '.join(loaded)}" if loaded else "nothing to preload"
+    log.info("warmpool ready: %s (%.1f s after listening)", what, time.monotonic() - started)
+async def _drain_first(app: web.Application) -> None:
+    """SIGTERM, step zero: tell the balancer at once (agent check: drain; /readyz: 503), and keep serving
+    for `balancer.drain_delay` so it stops sending new requests before the listener closes."""
+    app[AGENT].drain()
+    delay = app[CONFIG].balancer.drain_seconds
+    if delay > 0:
+        log.info("draining for %g s before closing the listener", delay)
+        await asyncio.sleep(delay)
 
 
 def _bound_url(server: asyncio.Server, cfg: Config) -> str:

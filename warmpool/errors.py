@@ -1,7 +1,8 @@
-"""The exception tree; each error knows its HTTP status and renders itself in both client dialects.
+"""The exception tree; each error knows its HTTP status and renders itself in every client dialect.
 
     WarmpoolError                      500
     ├── ConfigError                    (startup / check-config; carries every problem with its key path)
+    ├── ListenError                    (startup: the listen address cannot be bound)
     ├── BadRequest                     400  malformed JSON, missing model, unknown phase, bad field
     ├── Unauthorized                   401  missing or wrong API / admin key
     ├── ModelNotFound                  404
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-Dialect = Literal["ollama", "openai"]  # the API family a client speaks, or a backend's inference endpoints
+# The API family a client speaks, or a backend's inference endpoints (backends speak only the first two).
+Dialect = Literal["ollama", "openai", "anthropic"]
 
 OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -28,6 +30,25 @@ OPENAI_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+# Anthropic's error types by status (its SDK's error objects; 529 is its own "overloaded", which a full
+# queue is too).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error body: {"type": "error", "error": {"type", "message"}}."""
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 class WarmpoolError(Exception):
@@ -48,8 +69,13 @@ class WarmpoolError(Exception):
         kind = OPENAI_TYPES.get(self.status, "api_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
 
+    def anthropic_body(self) -> dict[str, Any]:
+        return anthropic_error(self.status, self.message)
+
     def body(self, dialect: Dialect) -> dict[str, Any]:
         """The JSON body for `dialect`."""
+        if dialect == "anthropic":
+            return self.anthropic_body()
         return self.ollama_body() if dialect == "ollama" else self.openai_body()
 
 
@@ -59,6 +85,10 @@ class ConfigError(WarmpoolError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
         self.problems = list(problems)
+
+
+class ListenError(WarmpoolError):
+    """warmpool cannot listen where it was told to (the port is taken, the address is not this host's)."""
 
 
 class BadRequest(WarmpoolError):

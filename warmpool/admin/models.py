@@ -40,11 +40,14 @@ def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, ti
     async def evict(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
         name = known_model(request, cfg)
+        active = _tier_or_409(tier)
+        kept = active.why_kept(name) if active.files_of(name) else None
         try:
-            dropped = await _tier_or_409(tier).evict(name)
+            dropped = await active.evict(name)
         except RamTierError as exc:
             raise _conflict(str(exc)) from None
-        return web.json_response({"model": name, "bytes_dropped": dropped, **_residency(tier, name)})
+        return web.json_response({"model": name, "bytes_dropped": dropped, **_residency(tier, name),
+                                  "kept": kept})
 
     app.router.add_get("/warmpool/models", models)
     app.router.add_post("/warmpool/models/{name}/warm", warm)

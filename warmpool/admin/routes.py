@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from warmpool.admin.models import add_model_routes, known_model, require_admin
+from warmpool.admin.overview import BackendHealth, phase_map
 from warmpool.backends.base import Backend
 from warmpool.config import Config
 from warmpool.errors import WarmpoolError
@@ -18,16 +20,20 @@ from warmpool.scheduling.pool import Scheduler
 
 log = logging.getLogger("warmpool.admin")
 STATUS_PAGE = Path(__file__).with_name("static") / "status.html"
+FAVICON = Path(__file__).with_name("static") / "favicon.svg"
 
 
 def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
-               metrics: Metrics, tier: RamTier | None = None) -> None:
+               metrics: Metrics, tier: RamTier | None = None, draining: Callable[[], bool] = lambda: False) -> None:
     admin_keys = [k.encode() for k in cfg.auth.admin_keys]
+    health = BackendHealth(backends)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
+        if draining():  # shutting down: a balancer or Kubernetes stops sending new requests here
+            return web.json_response({"status": "draining"}, status=503)
         waiting = [b.name for b in backends.values() if not b.healthy_once]
         if waiting:
             return web.json_response({"status": "waiting", "backends_not_answered": waiting}, status=503)
@@ -40,7 +46,7 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     async def status(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
         ram = tier.snapshot() if tier is not None else {"enabled": False}
-        return web.json_response({**scheduler.snapshot(), "ram_tier": ram})
+        return web.json_response({**scheduler.snapshot(), "ram_tier": ram, **phase_map(cfg), **await health.snapshot()})
 
     async def load(request: web.Request) -> web.Response:
         require_admin(request, admin_keys)
@@ -71,7 +77,12 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
         return web.Response(body=STATUS_PAGE.read_bytes(), content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
 
+    async def favicon(request: web.Request) -> web.Response:  # browsers ask for it: answered, not a logged 404
+        return web.Response(body=FAVICON.read_bytes(), content_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
+
     app.router.add_get("/warmpool/status", status)
     app.router.add_get("/warmpool/", page)
     app.router.add_get("/warmpool", page)
+    app.router.add_get("/favicon.ico", favicon)
     add_model_routes(app, cfg, scheduler, tier, admin_keys)

@@ -11,6 +11,10 @@ stdout lines that start with `@warmpool ` followed by a JSON object:
 4. build llama-cpp-python's own app with `create_app(server_settings=..., model_settings=[...])` (this
    loads the model), print `{"event": "loaded", "model_load": seconds}`, and run uvicorn the way
    `llama_cpp.server.__main__` does.
+
+One addition to llama-cpp-python: its streams carry no token counts (it has no `stream_options`), so
+the chunk that ends a stream gets a `usage` as llama-server's does; warmpool's Ollama translation needs
+it for `prompt_eval_count`.
 """
 
 from __future__ import annotations
@@ -57,10 +61,46 @@ def read_settings() -> dict[str, Any] | None:
     return json.loads(line) if line.strip() else None
 
 
+def count_stream_tokens() -> None:
+    """Give the finishing chunk of every streamed completion a `usage`: the prompt's tokens exactly as
+    `Llama.generate` was given them, and the tokens it produced that the answer kept (all but an
+    end-of-generation token), which is how llama-cpp-python counts a non-streamed answer."""
+    from llama_cpp import Llama, llama_vocab_is_eog
+
+    generate, complete, chat = Llama.generate, Llama.create_completion, Llama.create_chat_completion
+
+    def counting_generate(self: Any, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        self.warmpool_usage = counts = [len(tokens), 0]
+        for token in generate(self, tokens, *args, **kwargs):
+            counts[1] += not llama_vocab_is_eog(self._model.vocab, token)
+            yield token
+
+    def with_usage(self: Any, chunks: Any) -> Any:
+        for chunk in chunks:
+            choices = chunk.get("choices") or [{}]
+            counts = getattr(self, "warmpool_usage", None)
+            if choices[0].get("finish_reason") and counts is not None:
+                chunk["usage"] = {"prompt_tokens": counts[0], "completion_tokens": counts[1],
+                                  "total_tokens": counts[0] + counts[1]}
+            yield chunk
+
+    def streaming(create: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = create(self, *args, **kwargs)
+            return with_usage(self, result) if kwargs.get("stream") else result
+        return call
+
+    Llama.generate = counting_generate  # type: ignore[method-assign]
+    Llama.create_completion = streaming(complete)  # type: ignore[method-assign]
+    Llama.create_chat_completion = streaming(chat)  # type: ignore[method-assign]
+
+
 def build_app(settings: dict[str, Any]) -> tuple[Any, Any]:
     """Split the flat settings as the CLI does (server fields vs model fields) and create the app."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    count_stream_tokens()
 
     server_fields = {k: v for k, v in settings.items() if k in ServerSettings.model_fields}
     model_fields = {k: v for k, v in settings.items() if k not in ServerSettings.model_fields}

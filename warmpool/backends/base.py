@@ -48,13 +48,15 @@ class LoadResult:
 
 @dataclass(slots=True)
 class ResidentModel:
-    """A model the backend reports as loaded."""
+    """A model the backend reports as loaded, with what /api/ps shows about it (Ollama's fields)."""
 
     name: str  # configured model name
-    size: int = 0
-    expires_at: str | None = None
+    size: int = 0  # bytes it occupies (Ollama: weights, KV cache and graph)
+    expires_at: str | None = None  # when the upstream would unload it on its own
     context_length: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # Ollama's `details` object
+    digest: str | None = None
+    size_vram: int = 0  # the part of `size` in GPU memory
 
 
 __all__ = ["Backend", "Dialect", "LoadResult", "LostCallback", "ResidentModel", "Upstream", "UpstreamBroken"]
@@ -163,6 +165,14 @@ class Backend:
         """Bytes `model` is expected to occupy before it was ever loaded (0: unknown)."""
         return model.size or 0
 
+    def embedding_only(self, model: ModelConfig) -> bool:
+        """Whether `model` is known to serve embeddings only (a generate or chat request is refused)."""
+        return False
+
+    def note_request(self, model: ModelConfig, path: str) -> None:
+        """A request on `path` is about to use `model`: a hint at what the model is (an embedding request
+        for a model of unknown kind) for the load it may cause."""
+
     async def loaded_expiries(self) -> dict[str, float | None]:
         """Configured name -> when the upstream will unload it on its own (epoch seconds; None: never), for
         every model it reports loaded. Only for backends that `expires_models`."""
@@ -179,6 +189,25 @@ class Backend:
     async def catalog(self) -> dict[str, dict[str, Any]] | None:
         """The upstream's own listing entries (Ollama's /api/tags) by configured model name; None where
         the upstream keeps no catalog of its own."""
+        return None
+
+    # What the upstream's OpenAI chat endpoint accepts: `response_format` of type json_schema, and an
+    # assistant message whose content is null (one that only calls tools). Where not, warmpool rewrites both
+    # to the forms it does accept.
+    accepts_json_schema_format = True
+    accepts_null_content = True
+    # The path of the upstream's tokenizer (llama-cpp-python's /extras/tokenize/count, llama-server's
+    # /tokenize), for /v1/messages/count_tokens; None where it has none reachable.
+    tokenize_path: str | None = None
+
+    def serves_natively(self, path: str) -> bool:
+        """Whether the upstream serves a client endpoint warmpool would otherwise translate (Ollama ≥ 0.14 has
+        /v1/messages), as far as warmpool has learned; answering False is always safe."""
+        return False
+
+    def reads_images(self, model: ModelConfig) -> bool | None:
+        """Whether `model` can take images: True, False, or None when warmpool cannot tell (the upstream then
+        answers for itself)."""
         return None
 
     def idle(self) -> None:

@@ -28,6 +28,11 @@ SPARE_REFILL_LATEST = 30.0  # seconds after a load; for a backend that is never 
 
 class LlamaCppBackend(Backend):
     speaks = "openai"
+    # llama-cpp-python's request models: response_format is "text" or "json_object" (with an optional
+    # "schema"), and an assistant message's content must be a string
+    accepts_json_schema_format = False
+    accepts_null_content = False
+    tokenize_path = "/extras/tokenize/count"
 
     def __init__(self, config: BackendConfig, app_config: Config) -> None:
         super().__init__(config, app_config)
@@ -49,6 +54,11 @@ class LlamaCppBackend(Backend):
     def size_hint(self, model: ModelConfig) -> int:
         # Weights dominate a llama.cpp model's footprint; the KV cache comes on top (set `size` to be exact).
         return model.size or _file_size(model)
+
+    def reads_images(self, model: ModelConfig) -> bool | None:
+        # llama-cpp-python reads images only through a multimodal projector (a llava-style chat handler with
+        # clip_model_path); without one it drops image parts silently
+        return bool(model.llamacpp is not None and model.llamacpp.server_args.get("clip_model_path"))
 
     def base_url(self, model: ModelConfig | None) -> str:
         server = self.servers.get(model.name) if model else None

@@ -4,9 +4,9 @@ Owns `ManagedServer` (one `llama_cpp.server` process serving one model on a free
 `SparePool` / `SpareWorker` (at most one process per backend that has already paid llama-cpp-python's
 import cost and waits for a model, so a swap pays only the model load). Every child is a
 `backends.process.Child`: its own process group and a parent-death signal, so neither `stop()` nor a
-SIGKILLed warmpool leaves one behind. Facts relied on (research/upstream_spec.md §2): the server loads its model before uvicorn binds
-the port; `/openapi.json` takes no model lock, while `/v1/models` does and would cut running streams;
-`interrupt_requests` defaults to true and must be turned off.
+SIGKILLed warmpool leaves one behind. Facts relied on (research/upstream_spec.md §2): the server loads
+its model before uvicorn binds the port; `/openapi.json` takes no model lock, while `/v1/models` does
+and would cut running streams; `interrupt_requests` defaults to true and must be turned off.
 """
 
 from __future__ import annotations

@@ -5,13 +5,17 @@ Ollama's rules that shape this module (research/upstream_spec.md §0, §1.6-§1.
   uses, else the first real request reloads; the connection stays open until the load is done, because
   Ollama aborts a load whose client leaves;
 - unload = `keep_alive: 0`, which Ollama answers before the runner is gone: confirm it via /api/ps;
-- `keep_alive` is sent as a JSON number: numeric strings are a 400 there.
+- `keep_alive` is sent as a JSON number: numeric strings are a 400 there;
+- what a model can do is in /api/show's `capabilities` (Ollama 0.6.4+): an embedding-only model refuses
+  /api/generate ("does not support generate"), so it is loaded through /api/embed. warmpool asks at start
+  and before a model's first load; where Ollama does not say, the request that causes the load decides.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from datetime import datetime
@@ -23,11 +27,17 @@ from warmpool.config import BackendConfig, Config, ModelConfig
 from warmpool.dialects.ollama_from_openai import with_default_tag
 from warmpool.errors import BackendError, BadRequest
 
+log = logging.getLogger("warmpool.backends.ollama")
 UNLOAD_CONFIRM_TIMEOUT = 30.0
 UNLOAD_POLL_INTERVAL = 0.1
 # What warmpool asks Ollama to keep an idle model for, when the model's config sets no keep_alive.
 # Finite on purpose: if warmpool dies, Ollama frees the memory on its own; the refresher re-arms it.
 DEFAULT_LEASE = 600.0
+# Client endpoints Ollama serves itself, and since which version (research/upstream_spec.md §1.3: /v1/messages
+# came with v0.14); warmpool forwards those instead of translating them.
+NATIVE_SINCE = {"/v1/messages": (0, 14, 0)}
+EMBEDDING_PATHS = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
+REFUSES_GENERATE = "does not support generate"  # Ollama's 400 for an embedding model on /api/generate
 
 
 def ollama_keep_alive(model: ModelConfig) -> float:
@@ -41,6 +51,10 @@ class OllamaBackend(Backend):
     def __init__(self, config: BackendConfig, app_config: Config) -> None:
         super().__init__(config, app_config)
         self.disk_sizes: dict[str, int] = {}  # filled from /api/tags once the server answers
+        self.version: str | None = None  # from /api/version, learned when the server first answers
+        self.capabilities: dict[str, frozenset[str]] = {}  # configured name -> what /api/show says
+        self.silent: set[str] = set()  # models /api/show answered for without `capabilities` (Ollama < 0.6.4)
+        self.last_request_embeds: dict[str, bool] = {}  # configured name -> its latest request was an embedding
 
     def base_url(self, model: ModelConfig | None) -> str:
         return self.config.url.rstrip("/")  # type: ignore[union-attr]
@@ -60,11 +74,15 @@ class OllamaBackend(Backend):
 
     async def health(self) -> bool:
         try:
-            await self.get_json("/api/version")
-            await self._learn_disk_sizes()
+            answer = await self.get_json("/api/version")
+            self.version = str(answer["version"]) if isinstance(answer, dict) and answer.get("version") else None
+            if not self.healthy_once:
+                await self._learn_disk_sizes()
         except BackendError:
             return False
-        self.healthy_once = True
+        if not self.healthy_once:
+            self.healthy_once = True
+            await asyncio.gather(*(self.learn_capabilities(m) for m in self.models.values()))
         return True
 
     async def _learn_disk_sizes(self) -> None:
@@ -76,10 +94,50 @@ class OllamaBackend(Backend):
     def size_hint(self, model: ModelConfig) -> int:
         return model.size or self.disk_sizes.get(model.name, 0)
 
+    def embedding_only(self, model: ModelConfig) -> bool:
+        """Configured so (`embedding: true`), or /api/show lists "embedding" and not "completion"."""
+        capabilities = self.capabilities.get(model.name)
+        return model.embedding or (capabilities is not None and "embedding" in capabilities
+                                   and "completion" not in capabilities)
+
+    def note_request(self, model: ModelConfig, path: str) -> None:
+        self.last_request_embeds[model.name] = path in EMBEDDING_PATHS
+
+    async def learn_capabilities(self, model: ModelConfig) -> frozenset[str] | None:
+        """What /api/show says `model` can do (asked once, then remembered); None where it does not say:
+        an Ollama older than 0.6.4, a model not pulled yet, a server that does not answer."""
+        known = self.capabilities.get(model.name)
+        if known is not None or model.name in self.silent:
+            return known
+        try:
+            shown = await self._post("/api/show", {"model": model.upstream_name})
+        except BackendError as exc:
+            log.debug("backend %s: /api/show %s: %s", self.name, model.upstream_name, exc.reason)
+            return None
+        listed = shown.get("capabilities") if isinstance(shown, dict) else None
+        if not isinstance(listed, list):
+            self.silent.add(model.name)  # it will not say later either: do not ask before every load
+            return None
+        self.capabilities[model.name] = frozenset(str(c) for c in listed)
+        return self.capabilities[model.name]
+
+    def _loads_through_embed(self, model: ModelConfig) -> bool:
+        if model.name in self.capabilities or model.embedding:
+            return self.embedding_only(model)
+        return self.last_request_embeds.get(model.name, False)  # Ollama does not say: the request decides
+
     async def load(self, model: ModelConfig) -> LoadResult:
-        path, body = load_request(model)
+        await self.learn_capabilities(model)  # before its first load
         started = time.monotonic()
-        data = await self._post(path, body)
+        try:
+            data = await self._post(*load_request(model, embedding=self._loads_through_embed(model)))
+        except BackendError as exc:
+            if REFUSES_GENERATE not in exc.reason:
+                raise
+            # An embedding model nothing told warmpool about: Ollama refused the generate, so it says so.
+            log.info("backend %s: %s is an embedding model; loading it through /api/embed", self.name, model.name)
+            self.capabilities[model.name] = frozenset({"embedding"})
+            data = await self._post(*load_request(model, embedding=True))
         if isinstance(data, dict) and data.get("error"):
             raise BackendError(self.name, f"loading {model.upstream_name!r} failed: {data['error']}")
         seconds = time.monotonic() - started
@@ -122,7 +180,12 @@ class OllamaBackend(Backend):
         return ollama_keep_alive(model)
 
     async def ollama_version(self) -> str | None:
-        return str((await self.get_json("/api/version"))["version"])
+        self.version = str((await self.get_json("/api/version"))["version"])
+        return self.version
+
+    def serves_natively(self, path: str) -> bool:
+        since = NATIVE_SINCE.get(path)
+        return since is not None and self.version is not None and version_tuple(self.version) >= since
 
     async def catalog(self) -> dict[str, dict[str, Any]] | None:
         entries = (await self.get_json("/api/tags") or {}).get("models") or []
@@ -159,6 +222,12 @@ class OllamaBackend(Backend):
         return await read_json(resp, self.name)
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(0, 14, 2) for "0.14.2" or "v0.14.2-rc1"; what does not parse counts as (0,), older than any release."""
+    numbers = re.findall(r"\d+", version.split("-")[0])
+    return tuple(int(n) for n in numbers) or (0,)
+
+
 def parse_expiry(text: str | None) -> float | None:
     """Seconds since the epoch of an /api/ps `expires_at` (RFC 3339 with up to nanoseconds)."""
     if not text:
@@ -175,21 +244,29 @@ def load_options(model: ModelConfig) -> dict[str, Any]:
     return model.ollama.options if model.ollama is not None else {}
 
 
-def load_request(model: ModelConfig) -> tuple[str, dict[str, Any]]:
-    """The empty request that makes Ollama load `model` with the options its traffic uses."""
+def load_request(model: ModelConfig, *, embedding: bool | None = None) -> tuple[str, dict[str, Any]]:
+    """The empty request that makes Ollama load `model` with the options its traffic uses; an embedding
+    model (`embedding`, else its config) through /api/embed, which is the one that loads it."""
     body: dict[str, Any] = {"model": model.upstream_name, "keep_alive": ollama_keep_alive(model)}
     if load_options(model):
         body["options"] = dict(load_options(model))
-    if model.embedding:
+    if model.embedding if embedding is None else embedding:
         return "/api/embed", {**body, "input": []}
     return "/api/generate", body
 
 
 def _resident_from_ps(name: str, entry: dict[str, Any]) -> ResidentModel:
+    details = entry.get("details")
     return ResidentModel(
         name=name,
-        size=int(entry.get("size") or 0),
+        size=_int(entry.get("size")),
         expires_at=entry.get("expires_at"),
-        context_length=int(entry.get("context_length") or 0),
-        details=entry,
+        context_length=_int(entry.get("context_length")),
+        details=details if isinstance(details, dict) else {},
+        digest=entry.get("digest") if isinstance(entry.get("digest"), str) else None,
+        size_vram=_int(entry.get("size_vram")),
     )
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0

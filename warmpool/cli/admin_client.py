@@ -24,7 +24,8 @@ class ClientError(Exception):
 def find_url(explicit: str | None, config: str | None, env: Mapping[str, str] = os.environ) -> str:
     """--url, then $WARMPOOL_URL, then the config's `listen`, then the default address."""
     if explicit or env.get("WARMPOOL_URL"):
-        return (explicit or env["WARMPOOL_URL"]).rstrip("/")
+        given = (explicit or env["WARMPOOL_URL"]).strip().rstrip("/")
+        return given if "://" in given else f"http://{given}"  # "127.0.0.1:11435" means plain HTTP
     path = discover_config_path(config, env)
     if path is None:
         return DEFAULT_URL
@@ -42,9 +43,18 @@ def call(method: str, url: str, admin_key: str | None, timeout: float = 660.0) -
         raise ClientError(f"cannot reach warmpool at {url}: {exc}") from None
     data = _json_or_text(response)
     if response.status_code >= 400:
-        message = data.get("error") if isinstance(data, dict) else data
-        raise ClientError(f"{method} {url}: {response.status_code} {message}")
+        raise ClientError(_error_line(method, url, response.status_code, data))
     return data
+
+
+def _error_line(method: str, url: str, status: int, data: Any) -> str:
+    """An error answer as one line: its message alone when it has one ("model 'x' not found")."""
+    message = data.get("error") if isinstance(data, dict) else data
+    if isinstance(message, dict):  # the OpenAI shape
+        message = message.get("message")
+    if isinstance(message, str) and message:
+        return message.splitlines()[0]
+    return f"{method} {url}: HTTP {status}"
 
 
 def _json_or_text(response: httpx.Response) -> Any:
@@ -62,10 +72,25 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    parts = []
-    for pool in status["pools"]:
-        parts.append(_render_pool(pool))
+    parts = [_render_pool(pool) for pool in status["pools"]]
+    if "backends" in status:
+        parts.append("backends:\n" + table(["BACKEND", "KIND", "URL", "HEALTH"], [
+            [b["name"], b["kind"], b["url"] or "managed", "up" if b["healthy"] else "DOWN"]
+            for b in status["backends"]]))
+    if status.get("phases"):
+        default = status.get("default_phase")
+        parts.append("phases:\n" + table(["PHASE", "MODEL", ""], [
+            [phase, model, "default" if phase == default else ""] for phase, model in status["phases"].items()]))
+    if (ram := status.get("ram_tier") or {}).get("enabled"):
+        parts.append(_render_ram(ram))
     return "\n\n".join(parts)
+
+
+def _render_ram(ram: dict[str, Any]) -> str:
+    memory = ram.get("memory") or {}
+    return (f"RAM tier ({ram.get('strategy')}): weights warm {_size(ram.get('tracked_resident_bytes'))} of a "
+            f"{_size(ram.get('budget_bytes'))} budget; host memory available {_size(memory.get('available'))} "
+            f"of {_size(memory.get('total'))} (reserve {_size(ram.get('reserve_bytes'))})")
 
 
 def _render_pool(pool: dict[str, Any]) -> str:
@@ -101,7 +126,8 @@ def render_action(command: str, data: dict[str, Any]) -> str:
         return f"{data['model']}: resident ({data['seconds']:.3f} s)"
     if command == "unload":
         return f"{data['model']}: unloaded" if data["was_loaded"] else f"{data['model']}: was not loaded"
-    return f"{data['model']}: dropped {_size(data['bytes_dropped'])}, {_percent(data['percent_in_ram'])} in RAM"
+    line = f"{data['model']}: dropped {_size(data['bytes_dropped'])}, {_percent(data['percent_in_ram'])} in RAM"
+    return f"{line} (kept: {data['kept']})" if data.get("kept") else line
 
 
 def warm_with_progress(url: str, admin_key: str | None, show_bar: bool) -> str:
@@ -111,7 +137,7 @@ def warm_with_progress(url: str, admin_key: str | None, show_bar: bool) -> str:
         with httpx.stream("POST", url + "?progress=1", headers=headers, timeout=None) as response:
             if response.status_code >= 400:
                 response.read()
-                raise ClientError(f"POST {url}: {response.status_code} {_json_or_text(response)}")
+                raise ClientError(_error_line("POST", url, response.status_code, _json_or_text(response)))
             last = _follow_progress(response.iter_lines(), show_bar)
     except httpx.HTTPError as exc:
         raise ClientError(f"cannot reach warmpool at {url}: {exc}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,10 +16,17 @@ import yaml
 
 from warmpool import __version__
 from warmpool.cli.admin_client import RENDER, ClientError, call, find_url, render_action, warm_with_progress
-from warmpool.config import Config, discover_config_path, load_config, redacted
-from warmpool.errors import ConfigError
+from warmpool.config import Config, config_warnings, discover_config_path, load_config, redacted
+from warmpool.errors import ConfigError, ListenError
 
 EXIT_CONFIG = 2
+SERVE = ("run the proxy: serve the Ollama and OpenAI APIs, preload models, keep their weights warm in RAM; "
+         "logs \"listening on URL\" when it accepts requests and \"ready\" once the preload is done")
+CHECK_CONFIG = ("validate a config file and print it resolved (defaults filled in, secrets redacted), with a "
+                "warning for what would behave badly; exit 0, or 2 with every problem and its key path")
+BENCH = "run an experiment on a configured model and print a table"
+PRESSURE = ("start a managed llama.cpp model with 0%, 50% and 100% of its GGUF evicted from the page cache; "
+            "print load to first token, tokens/s, major faults, bytes read")
 ADMIN_COMMANDS = {
     "status": "show pools, models, queues and recent swaps of a running warmpool",
     "models": "show every model's tiers: loaded, share of its weight files in RAM, use",
@@ -33,26 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warmpool", description="A warm-pool reverse proxy for local LLM servers.")
     parser.add_argument("--version", action="version", version=f"warmpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the proxy")
+    serve = sub.add_parser("serve", help="run the proxy", description=SERVE)
     serve.add_argument("--config", help="config file (else $WARMPOOL_CONFIG, ./warmpool.yaml, "
                                         "~/.config/warmpool/config.yaml, else the embedded default)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:11435)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
-    check = sub.add_parser("check-config", help="validate a config and print it resolved, secrets redacted")
+    check = sub.add_parser("check-config", help="validate a config and print it resolved, secrets redacted",
+                           description=CHECK_CONFIG)
     check.add_argument("path", nargs="?", help="config file (default: the same discovery as serve)")
-    bench = sub.add_parser("bench", help="run an experiment on a configured model")
+    check.add_argument("--config", dest="config_flag", metavar="PATH", help="the config file, as serve takes it")
+    bench = sub.add_parser("bench", help=BENCH, description=BENCH)
     experiments = bench.add_subparsers(dest="experiment", required=True)
-    pressure = experiments.add_parser(
-        "pressure", help="start a managed llama.cpp model with 0%%, 50%% and 100%% of its GGUF evicted from "
-                         "the page cache; print load to first token, tokens/s, major faults, bytes read")
+    pressure = experiments.add_parser("pressure", help=PRESSURE.replace("%", "%%"),
+                                      description=PRESSURE)
     pressure.add_argument("model", help="a configured model on a llamacpp backend")
     pressure.add_argument("--config", help="config file (else the same discovery as serve)")
     pressure.add_argument("--tokens", type=int, default=32, help="tokens generated for tokens/s (default 32)")
     pressure.add_argument("--fractions", type=fractions, default=(0.0, 0.5, 1.0),
                           help="shares of the file to evict, from its start (default 0,0.5,1; 50%% works too)")
     for name, text in ADMIN_COMMANDS.items():
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, help=text, description=f"{text} (asks a running warmpool over its admin API)")
         if name not in ("status", "models"):
             cmd.add_argument("model")
         cmd.add_argument("--url", help="warmpool's address (else $WARMPOOL_URL, else the config's listen)")
@@ -67,13 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check-config":
-            return check_config(args.path)
+            return check_config(args.path, args.config_flag)
         if args.command == "bench":
             return bench_pressure(args)
         if args.command in ADMIN_COMMANDS:
             return admin_command(args)
         return serve(args)
-    except ConfigError as error:
+    except (ConfigError, ListenError) as error:
         print(f"warmpool: {error.message}", file=sys.stderr)
         return EXIT_CONFIG
     except ClientError as error:
@@ -87,10 +96,14 @@ def resolve_config(explicit: str | None, overrides: dict[str, Any] | None = None
     return load_config(discover_config_path(explicit), overrides=overrides or {})
 
 
-def check_config(path: str | None) -> int:
-    cfg = resolve_config(path)
+def check_config(path: str | None, flag: str | None = None) -> int:
+    if path and flag and path != flag:
+        raise ConfigError([f"two config files given ({path} and --config {flag}): name one"])
+    cfg = resolve_config(path or flag)
     print(f"# {cfg.source}: valid")
     print(yaml.safe_dump(redacted(cfg), sort_keys=False), end="")
+    for warning in config_warnings(cfg):
+        print(f"warmpool: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -141,5 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     from warmpool import app, logs
 
     logs.configure(cfg.log.level, cfg.log.format)
+    for warning in config_warnings(cfg):
+        logging.getLogger("warmpool.config").warning("%s", warning)
     app.run(cfg)
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from warmpool.config.model import Config, SchedulerConfig, TimeoutsConfig
+from warmpool.config.model import BalancerConfig, Config, SchedulerConfig, TimeoutsConfig
 from warmpool.config.schema import _build, _Checker, _did_you_mean, _join
 from warmpool.config.values import _show, _Text
 from warmpool.errors import ConfigError
@@ -154,6 +154,7 @@ def _env_paths() -> dict[str, str]:
     paths = ["listen", "log.level", "log.format", "max_body_size", "default_phase", *_ENV_LISTS]
     paths += [f"timeouts.{f.name}" for f in fields(TimeoutsConfig)]
     paths += [f"scheduler.{f.name}" for f in fields(SchedulerConfig)]
+    paths += [f"balancer.{f.name}" for f in fields(BalancerConfig)]
     return {"WARMPOOL_" + path.replace(".", "_").upper(): path for path in sorted(paths)}
 
 

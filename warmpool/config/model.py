@@ -154,6 +154,23 @@ class RamTierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BalancerConfig:
+    """The `balancer:` section: what warmpool tells a load balancer that spreads requests over several hosts."""
+
+    agent_port: int | None = None  # HAProxy agent-check responder's TCP port; None: no responder
+    agent_host: str = "127.0.0.1"  # address the responder listens on (the balancer must reach it)
+    drain_delay: float | None = None  # seconds between SIGTERM and closing the listener; None: see below
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long warmpool keeps serving after SIGTERM while it reports drain (agent, /readyz): the
+        configured delay; by default 2 s with the agent on (HAProxy's default agent-inter), else none."""
+        if self.drain_delay is not None:
+            return self.drain_delay
+        return 2.0 if self.agent_port is not None else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 11435
@@ -168,6 +185,7 @@ class Config:
     default_phase: str | None = None
     preload: tuple[str, ...] = ()
     ram_tier: RamTierConfig = field(default_factory=RamTierConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
     loading_feedback: bool = False  # tell streaming clients what they wait for during a swap
     source: str = "<defaults>"  # where it came from: a path, or "<embedded default>"
 

@@ -22,6 +22,7 @@ def redacted(cfg: Config) -> dict[str, Any]:
         "auth": {key: [_MASK] * len(keys) for key, keys in _fields_of(cfg.auth).items()},
         "scheduler": _fields_of(cfg.scheduler),
         "ram_tier": _ram_tier_dict(cfg.ram_tier),
+        "balancer": _fields_of(cfg.balancer),
         "backends": {name: _redacted_backend(backend) for name, backend in cfg.backends.items()},
         "models": {name: _model_dict(model, cfg) for name, model in cfg.models.items()},
         "phases": dict(cfg.phases),

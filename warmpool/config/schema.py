@@ -12,6 +12,7 @@ from typing import Any
 from warmpool.config.model import (
     AuthConfig,
     BackendConfig,
+    BalancerConfig,
     Config,
     LlamaCppModel,
     LogConfig,
@@ -38,6 +39,7 @@ from warmpool.config.values import (
     _nullable,
     _path,
     _path_list,
+    _port,
     _scalar_mapping,
     _secret,
     _secret_list,
@@ -159,6 +161,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Parser]]] = {
         "strategy": _choice("read", "madvise", "mlock"), "interval": _timeout, "rate": parse_size,
         "min_warm_fraction": _fraction, "state_file": _nullable(_path), "top_n": _int(0),
         "ollama_models": _nullable(_path), "models_dirs": _path_list, "hf_cache": _nullable(_path)}),
+    "balancer": (BalancerConfig, {"agent_port": _nullable(_port), "agent_host": _str,
+                                  "drain_delay": _nullable(parse_duration)}),
     "scheduler": (SchedulerConfig, {
         "max_queue": _int(1), "queue_timeout": _timeout, "max_wait": parse_duration,
         "min_residency": parse_duration, "load_ahead": _bool, "prefetch": _bool,

@@ -84,6 +84,14 @@ def _int(minimum: int) -> Parser:
     return parse_int
 
 
+def _port(value: Any) -> int:
+    """A TCP port; 0 picks a free one (the log line names it)."""
+    port: int = _int(0)(value)
+    if port > 65535:
+        raise _expect("a port number 0-65535", value)
+    return port
+
+
 def _bool(value: Any) -> bool:
     value = _scalar(value)
     if not isinstance(value, bool):

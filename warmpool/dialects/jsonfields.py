@@ -3,6 +3,7 @@ naming the field, never a crash deeper down."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from warmpool.errors import BadRequest
@@ -38,3 +39,17 @@ def as_object(value: Any, where: str) -> JSON:
     if not isinstance(value, dict):
         raise BadRequest(f"{where} must be an object")
     return value
+
+
+def parse_arguments(arguments: Any) -> JSON:
+    """Tool-call arguments as an object: OpenAI sends a JSON string, Ollama and Anthropic an object. Text that
+    is not a JSON object (a model cut off mid-call) stays visible under "arguments" rather than lost."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"arguments": arguments}

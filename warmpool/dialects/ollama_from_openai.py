@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from warmpool.dialects.jsonfields import JSON
+from warmpool.dialects.jsonfields import JSON, parse_arguments
 from warmpool.dialects.jsonfields import as_object as _object
 from warmpool.dialects.jsonfields import get as _get
 from warmpool.dialects.jsonfields import object_at as _object_at
+from warmpool.dialects.sse import Event, SSEDecoder
 from warmpool.errors import BadRequest
 
 Request = tuple[str, JSON]
@@ -286,11 +287,12 @@ class _Usage:
             self.prompt_tokens = _count(usage.get("prompt_tokens"), self.prompt_tokens)
             self.completion_tokens = _count(usage.get("completion_tokens"), self.completion_tokens)
 
-    def metrics(self, *, total_ns: int, prompt_ns: int, eval_ns: int, eval_count: int) -> JSON:
-        """Ollama's final-line metrics; the keyword values are fallbacks for what upstream didn't report."""
+    def metrics(self, *, total_ns: int, prompt_ns: int, eval_ns: int, eval_count: int, load_ns: int = 0) -> JSON:
+        """Ollama's final-line metrics; the keyword values are fallbacks for what upstream didn't report;
+        `load_ns` is the wait for the model, which Ollama counts as load_duration."""
         return {
             "total_duration": max(0, total_ns),
-            "load_duration": 0,
+            "load_duration": max(0, load_ns),
             "prompt_eval_count": _first(self.prompt_tokens, 0),
             "prompt_eval_duration": max(0, _first(self.prompt_ns, prompt_ns)),
             "eval_count": _first(self.completion_tokens, eval_count),
@@ -339,26 +341,14 @@ def _text(value: Any) -> str:
 
 
 def _ollama_tool_call(name: str, arguments: Any, call_id: Any = None) -> JSON:
-    out: JSON = {"function": {"name": name, "arguments": _parse_arguments(arguments)}}
+    out: JSON = {"function": {"name": name, "arguments": parse_arguments(arguments)}}
     if isinstance(call_id, str) and call_id:
         out["id"] = call_id
     return out
 
 
-def _parse_arguments(arguments: Any) -> JSON:
-    if isinstance(arguments, dict):
-        return arguments
-    if not isinstance(arguments, str) or not arguments.strip():
-        return {}
-    try:
-        parsed = json.loads(arguments)
-    except ValueError:
-        parsed = None
-    # Ollama requires an object; keep malformed model output visible rather than dropping it
-    return parsed if isinstance(parsed, dict) else {"arguments": arguments}
-
-
-def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_duration_ns: int) -> JSON:
+def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_duration_ns: int,
+                              load_duration_ns: int = 0) -> JSON:
     """A non-streamed chat.completion or text_completion as an Ollama chat/generate response."""
     choice = _first_choice(resp) or {}
     message = choice.get("message")
@@ -373,8 +363,9 @@ def openai_response_to_ollama(kind: str, model: str, resp: JSON, *, total_durati
     usage = _Usage()
     usage.absorb(resp)
     # without upstream timings the whole wall time is the best guess for generation time
-    out.update(usage.metrics(total_ns=total_duration_ns, prompt_ns=0, eval_ns=total_duration_ns,
-                             eval_count=0))
+    out.update(usage.metrics(total_ns=total_duration_ns, prompt_ns=0,
+                             eval_ns=max(0, total_duration_ns - load_duration_ns), eval_count=0,
+                             load_ns=load_duration_ns))
     return out
 
 
@@ -383,7 +374,8 @@ def _ollama_tool_call_from_openai(call: JSON) -> JSON:
     return _ollama_tool_call(_text(function.get("name")), function.get("arguments"), call.get("id"))
 
 
-def openai_embeddings_to_ollama(path: str, model: str, resp: JSON, *, total_duration_ns: int) -> JSON:
+def openai_embeddings_to_ollama(path: str, model: str, resp: JSON, *, total_duration_ns: int,
+                                load_duration_ns: int = 0) -> JSON:
     """An OpenAI embeddings list as the /api/embed or legacy /api/embeddings response."""
     vectors = _embedding_vectors(resp)
     if path == "/api/embeddings":
@@ -393,7 +385,7 @@ def openai_embeddings_to_ollama(path: str, model: str, resp: JSON, *, total_dura
         "model": model,
         "embeddings": [_l2_normalize(v) for v in vectors],  # /api/embed always returns unit vectors
         "total_duration": total_duration_ns,
-        "load_duration": 0,
+        "load_duration": load_duration_ns,
         "prompt_eval_count": _first(_count(usage.get("prompt_tokens"), None), 0),
     }
 
@@ -455,7 +447,7 @@ class OllamaStreamTranslator:
     """
 
     def __init__(self, kind: str, model: str, *, clock: Callable[[], float] = time.monotonic,
-                 started: float | None = None) -> None:
+                 started: float | None = None, load_ns: int = 0) -> None:
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
         self.kind = kind
@@ -463,10 +455,9 @@ class OllamaStreamTranslator:
         self.done = False
         self._clock = clock
         self._started = clock() if started is None else started
+        self._load_ns = load_ns
         self._first_token_at: float | None = None
-        self._buffer = b""
-        self._data: list[str] = []
-        self._error_event = False
+        self._sse = SSEDecoder()
         self._finish_reason: str | None = None
         self._deltas = 0
         self._usage = _Usage()
@@ -480,46 +471,32 @@ class OllamaStreamTranslator:
         """Parse every complete SSE line in `data` (plus what was buffered); return the NDJSON lines due."""
         if self.done:
             return []
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        out: list[bytes] = []
-        for line in lines:
-            out += self._line(line.removesuffix(b"\r"))
-            if self.done:
-                self._buffer = b""
-                break
-        return out
+        return self._events(self._sse.feed(data))
 
     def finish(self) -> list[bytes]:
         """The final done:true line, if not yet sent (upstream ended without [DONE] or finish_reason)."""
         if self.done:
             return []
         # be lenient with an upstream that closed right after its last line, without the blank line
-        pending, self._buffer = self._buffer, b""
-        out = self._line(pending.removesuffix(b"\r")) if pending else []
-        out += self._line(b"")
+        out = self._events(self._sse.finish())
         return out if self.done else out + self._complete()
 
-    # --- SSE framing
+    def fail(self, status: int, message: str) -> list[bytes]:
+        """End the stream with a final {"error"} line, as Ollama does mid-stream."""
+        return [] if self.done else self._fail(message)
 
-    def _line(self, line: bytes) -> list[bytes]:
-        if not line:  # a blank line ends an event
-            return self._dispatch()
-        field, _, value = line.decode("utf-8", "replace").partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            self._data.append(value)
-        elif field == "error":  # older llama-server builds framed mid-stream errors as "error: {…}"
-            self._data.append(value)
-            self._error_event = True
-        elif field == "event":
-            self._error_event = value.strip() == "error"
-        return []  # comments (": ping - …"), id:, retry: and unknown fields are ignored
+    # --- SSE events (dialects/sse.py decodes them: comments, id:, retry: are dropped, and an "error:"
+    # field, which older llama-server builds framed mid-stream errors with, names the event "error")
 
-    def _dispatch(self) -> list[bytes]:
-        data, is_error = "\n".join(self._data), self._error_event
-        self._data, self._error_event = [], False
-        if not data.strip():
-            return []
+    def _events(self, events: list[Event]) -> list[bytes]:
+        out: list[bytes] = []
+        for event in events:
+            out += self._event(event.data, is_error=event.name == "error")
+            if self.done:
+                break  # nothing may follow the end of the stream
+        return out
+
+    def _event(self, data: str, *, is_error: bool) -> list[bytes]:
         if data.strip() == "[DONE]":
             return self._complete()
         try:
@@ -567,13 +544,12 @@ class OllamaStreamTranslator:
         if self.kind == "chat" and self._tools:
             out["message"]["tool_calls"] = self._tools.ollama()
         out.update(self._usage.metrics(total_ns=_ns(end - self._started),
-                                       prompt_ns=_ns(first - self._started),
-                                       eval_ns=_ns(end - first), eval_count=self._deltas))
+                                       prompt_ns=max(0, _ns(first - self._started) - self._load_ns),
+                                       eval_ns=_ns(end - first), eval_count=self._deltas, load_ns=self._load_ns))
         return out
 
     def _fail(self, message: str) -> list[bytes]:
         self.done = True
-        self._buffer = b""
         return [_ndjson({"error": message})]
 
 

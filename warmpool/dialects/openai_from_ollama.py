@@ -138,9 +138,10 @@ def _sampling(body: JSON) -> JSON:
         value = _get(body, key, "a number")
         if value is not None:
             out[key] = value
-    seed = _get(body, "seed", "a number")
-    if seed is not None:
-        out["seed"] = int(seed)
+    for key in ("seed", "top_k"):  # top_k: not OpenAI's, but llama.cpp's servers and Anthropic clients send it
+        value = _get(body, key, "a number")
+        if value is not None:
+            out[key] = int(value)
     limit = _first_given(body, "max_completion_tokens", "max_tokens")
     if limit is not None:
         out["num_predict"] = int(limit)
@@ -170,7 +171,9 @@ def _format(response_format: Any) -> str | JSON | None:
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return "json"
+        # llama.cpp's servers take a schema beside json_object; warmpool's own translations may send one
+        schema = response_format.get("schema")
+        return schema if isinstance(schema, dict) else "json"
     if kind == "json_schema":
         schema = _object_at(response_format, "json_schema").get("schema")
         if not isinstance(schema, dict):
@@ -501,6 +504,10 @@ class OpenAIStreamTranslator:
             return out
         return out + self._fail({"error": "upstream closed the stream before the answer was complete"})
 
+    def fail(self, status: int, message: str) -> list[bytes]:
+        """End the stream with a data: {"error": {…}} frame, which the OpenAI SDKs raise on."""
+        return [] if self.done else self._fail({"error": message}, status)
+
     # --- lines
 
     def _line(self, line: bytes) -> list[bytes]:
@@ -542,9 +549,9 @@ class OpenAIStreamTranslator:
             out.append(_sse(self._envelope.frame([], chunk=True) | {"usage": _usage(obj)}))
         return [*out, DONE_FRAME]
 
-    def _fail(self, body: JSON) -> list[bytes]:
+    def _fail(self, body: JSON, status: int = 500) -> list[bytes]:
         self.done = True
-        return [_sse(ollama_error_to_openai(body, 500))]
+        return [_sse(ollama_error_to_openai(body, status))]
 
     # --- frames
 

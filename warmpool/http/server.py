@@ -55,10 +55,10 @@ class Fields:
     def __init__(self, by_name: dict[bytes, bytes]) -> None:
         self.by_name = by_name
 
-    def get(self, name: str, /) -> str | None:
+    def get(self, name: str, default: str | None = None, /) -> str | None:
         key = _KEYS.get(name) or _KEYS.setdefault(name, name.lower().encode("latin-1"))
         value = self.by_name.get(key)
-        return None if value is None else value.decode("latin-1")
+        return default if value is None else value.decode("latin-1")
 
 
 _KEYS: dict[str, bytes] = {}  # the few names looked up, lower-cased and encoded once

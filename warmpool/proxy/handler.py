@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmpool.backends.base import Backend, Upstream
-from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig, parse_duration
+from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig
 from warmpool.dialects import ollama_from_openai, openai_from_ollama
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
@@ -25,7 +25,7 @@ from warmpool.http import auth
 from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
-from warmpool.proxy import feedback, listings, relay, routing
+from warmpool.proxy import feedback, keepalive, listings, naming, relay, routing, tokens, translate
 from warmpool.proxy.rawbody import plain_utf8, upstream_body
 from warmpool.scheduling.pool import Lease, Scheduler
 
@@ -35,6 +35,11 @@ PHASE_HEADER = routing.PHASE_HEADER
 PRIORITY_HEADER = "X-Warmpool-Priority"
 SESSION_HEADER = "X-Warmpool-Session"
 MAX_SESSION = 200  # characters of a session name kept
+# What Ollama calls the capability an endpoint needs, in its "<model>" does not support <verb> answer
+# (server/routes.go: GenerateHandler and ChatHandler check "completion" before loading; /v1/completions
+# and /v1/chat/completions reach those handlers). Embedding endpoints need no capability.
+COMPLETION_VERBS = {"/api/generate": "generate", "/api/chat": "chat", "/v1/completions": "generate",
+                    "/v1/chat/completions": "chat"}
 
 
 @dataclass(slots=True)
@@ -50,6 +55,8 @@ class Exchange:
     model: ModelConfig | None = None
     phase: str | None = None
     priority: Priority = "interactive"
+    echo: str = ""  # the model name answers carry: the one the client sent
+    keep_alive: float | None = None  # the client's keep_alive in seconds (Ollama's native API), if sent
     queue_wait: float = 0.0
     meters: RequestMeters | None = None  # set with the model when metrics are on
 
@@ -119,16 +126,21 @@ class Proxy:
             return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
         ex.raw = await ex.request.read()
         ex.body = parse_json(ex.raw)
-        choice = routing.choose_model(
-            self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), routing.body_model(path, ex.body))
+        if ex.dialect == "ollama" and path in keepalive.ENDPOINTS:
+            ex.keep_alive = keepalive.parse_keep_alive(ex.body.get("keep_alive"))  # Ollama binds it first
+        requested = routing.body_model(path, ex.body)
+        choice = routing.choose_model(self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), requested)
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
         ex.priority = request_priority(ex.request.headers.get(PRIORITY_HEADER), ex.phase, self.cfg.scheduler)
+        ex.echo = naming.echo_name(requested, ex.model)
         if self.metrics is not None:
             ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect,
                                             ex.priority)
         backend = self.backends[ex.model.backend]
         if path in routing.MODEL_ADMIN:
             return await self._model_admin(ex, backend)
+        if path == routing.COUNT_TOKENS:
+            return await self._count_tokens(ex, backend)
         return await self._inference(ex, backend)
 
     async def _model_admin(self, ex: Exchange, backend: Backend) -> None:
@@ -140,10 +152,20 @@ class Proxy:
         body.pop("name", None)
         return await self._forward(ex, backend, ex.request.path, body, transform=None)
 
+    async def _count_tokens(self, ex: Exchange, backend: Backend) -> None:
+        assert ex.model is not None
+        counted, ex.queue_wait = await tokens.count_tokens(ex.body, ex.model, backend, self.scheduler)
+        await ex.answer(Answer.json(counted))
+
     async def _inference(self, ex: Exchange, backend: Backend) -> None:
         assert ex.model is not None
-        if ex.dialect == "ollama" and ollama_from_openai.is_ollama_preload(ex.request.path, ex.body):
-            return await self._load_or_unload(ex)
+        preload = ex.dialect == "ollama" and ollama_from_openai.is_ollama_preload(ex.request.path, ex.body)
+        if preload and ex.keep_alive == 0:
+            return await self._unload(ex)  # Ollama unloads before it checks capabilities
+        backend.note_request(ex.model, ex.request.path)
+        self._check_capability(ex, backend)
+        if preload:
+            return await self._load(ex)
         path, body, transform = self._upstream_request(ex, backend)
         lease = self.scheduler.lease(ex.model.name, ex.priority, session_of(ex.request), ex.phase)
         if not lease.try_now():
@@ -151,10 +173,26 @@ class Proxy:
                 return await self._inference_with_feedback(ex, backend, lease, path, body, transform)
             ex.queue_wait = await lease.wait()
         try:
-            self._observe_queue(ex)
+            self._granted(ex, backend, transform)
             await self._forward(ex, backend, path, body, transform)
         finally:
             lease.release()
+
+    def _check_capability(self, ex: Exchange, backend: Backend) -> None:
+        """Ollama's own 400 for a generate or chat request to an embedding-only model, before any load."""
+        assert ex.model is not None
+        verb = COMPLETION_VERBS.get(ex.request.path)
+        if verb is not None and backend.embedding_only(ex.model):
+            raise BadRequest(f"{json.dumps(ex.echo, ensure_ascii=False)} does not support {verb}")
+
+    def _granted(self, ex: Exchange, backend: Backend, transform: Transform | None) -> None:
+        """The lease is held: the model is loaded (and what its load taught the backend is known)."""
+        assert ex.model is not None
+        self._observe_queue(ex)
+        self._check_capability(ex, backend)
+        self.scheduler.pool_of(ex.model.name).set_keep_alive(ex.model.name, ex.keep_alive)
+        if isinstance(transform, OllamaFromOpenAI):
+            transform.load_seconds = ex.queue_wait  # Ollama's load_duration: arrival until the model is ready
 
     def _wants_feedback(self, ex: Exchange) -> bool:
         return feedback.streams(ex.request.path, ex.body) and feedback.wanted(
@@ -170,7 +208,7 @@ class Proxy:
 
         async def tell() -> None:
             seconds = time.monotonic() - ex.started
-            await ex.reply.write(feedback.line(ex.request.path, name, pool.describe_wait(name), seconds))
+            await ex.reply.write(feedback.line(ex.request.path, ex.echo, pool.describe_wait(name), seconds))
 
         try:
             ex.queue_wait = await lease.wait(every=feedback.INTERVAL, tick=tell)
@@ -178,47 +216,65 @@ class Proxy:
             await relay.report_in_stream(ex.reply, error)
             return
         try:
-            self._observe_queue(ex)
+            self._granted(ex, backend, transform)
             upstream = await ex.send(backend, path, body)
-            await relay.relay_into(ex.reply, upstream, backend.name, transform)
+            await relay.relay_into(ex.reply, upstream, backend.name, transform, self._renamer(ex, body))
         except WarmpoolError as error:
             await relay.report_in_stream(ex.reply, error)
         finally:
             lease.release()
 
-    async def _load_or_unload(self, ex: Exchange) -> None:
-        """Ollama's empty request loads a model, or unloads it with keep_alive 0. warmpool owns residency,
-        so it does either through its scheduler (keeping its view true) instead of forwarding."""
+    async def _unload(self, ex: Exchange) -> None:
+        """Ollama's empty request with keep_alive 0 unloads the model. warmpool owns residency, so it
+        unloads through its scheduler (keeping its view true) instead of forwarding."""
+        assert ex.model is not None
+        await self.scheduler.pool_of(ex.model.name).unload(ex.model.name, self.cfg.scheduler.queue_timeout)
+        answer = ollama_from_openai.ollama_preload_response(ex.request.path, ex.echo, unload=True)
+        await ex.answer(Answer.json(answer))
+
+    async def _load(self, ex: Exchange) -> None:
+        """Ollama's empty request loads the model (through the scheduler, like any request) and sets its
+        keep_alive when one is sent."""
         assert ex.model is not None
         pool = self.scheduler.pool_of(ex.model.name)
-        unload = is_zero_duration(ex.body.get("keep_alive"))
-        if unload:
-            await pool.unload(ex.model.name, self.cfg.scheduler.queue_timeout)
-        else:
-            ex.queue_wait = await pool.load(ex.model.name)
-        answer = ollama_from_openai.ollama_preload_response(ex.request.path, ex.model.name, unload=unload)
+        async with pool.lease(ex.model.name, ex.priority) as lease:
+            ex.queue_wait = lease.waited
+            pool.set_keep_alive(ex.model.name, ex.keep_alive)
+        answer = ollama_from_openai.ollama_preload_response(ex.request.path, ex.echo)
         await ex.answer(Answer.json(answer))
 
     def _upstream_request(self, ex: Exchange, backend: Backend) -> tuple[str, dict[str, Any], Transform | None]:
         assert ex.model is not None
         path = ex.request.path
+        if path in routing.TRANSLATED:
+            return translate.translated_request(path, ex.body, ex.model, backend, ex.echo)
         if ex.dialect == "ollama" and backend.speaks == "openai":
             upstream_path, body = ollama_from_openai.ollama_request_to_openai(path, ex.body, ex.model.upstream_name)
-            return upstream_path, body, OllamaFromOpenAI(path, ex.model.name, ex.body)
+            body = translate.fit_openai_body(backend, ex.model, upstream_path, body)
+            return upstream_path, body, OllamaFromOpenAI(path, ex.echo, ex.body)
         options = ex.model.ollama.options if ex.model.ollama is not None else {}
         if ex.dialect == "openai" and backend.speaks == "ollama" and options:
             # Ollama's /v1 cannot carry load-time options: it would reload the model with defaults.
             upstream_path, body = openai_from_ollama.openai_request_to_ollama(
                 path, ex.body, ex.model.upstream_name, options, backend.lease_seconds(ex.model))
-            return upstream_path, body, OpenAIFromOllama(path, ex.model.name, ex.body)
+            return upstream_path, body, OpenAIFromOllama(path, ex.echo, ex.body)
         body = backend.rewrite_body(ex.model, path, ex.body)
+        if backend.speaks == "openai":
+            body = translate.fit_openai_body(backend, ex.model, path, body)
         return path, body, None
 
     async def _forward(self, ex: Exchange, backend: Backend, path: str, body: dict[str, Any],
                        transform: Transform | None) -> None:
         upstream = await ex.send(backend, path, body)
         await relay.relay(ex.reply, upstream, backend.name, ex.tags(), transform,
-                          on_first_byte=self._first_byte_observer(ex))
+                          on_first_byte=self._first_byte_observer(ex), error_dialect=ex.dialect,
+                          rename=self._renamer(ex, body))
+
+    @staticmethod
+    def _renamer(ex: Exchange, sent: dict[str, Any]) -> naming.Renamer | None:
+        """Upstreams echo the name they were sent; the client gets the one it sent."""
+        upstream_name = sent.get("model")
+        return naming.renamer_for(upstream_name, ex.echo) if isinstance(upstream_name, str) else None
 
     def _first_byte_observer(self, ex: Exchange) -> Callable[[], None]:
         def observe() -> None:
@@ -247,16 +303,6 @@ class Proxy:
 
 class MethodNotAllowed(WarmpoolError):
     status = 405
-
-
-def is_zero_duration(value: Any) -> bool:
-    """Ollama's keep_alive 0 in any of its spellings (0, 0.0, "0", "0s", "0m")."""
-    if isinstance(value, bool) or value is None:
-        return False
-    try:
-        return parse_duration(value) == 0
-    except ValueError:
-        return False
 
 
 def request_priority(header: str | None, phase: str | None, sched: SchedulerConfig) -> Priority:

@@ -1,5 +1,5 @@
 """Relaying an upstream response to the client: status, headers and body chunk by chunk, unbuffered,
-optionally translated (OpenAI → Ollama). A failure after the headers went out is reported inside the
+optionally translated (dialects/transforms.py). A failure after the headers went out is reported inside the
 stream in the client's dialect, since the status can no longer change. A body whose first read is the
 whole of it (a typical non-streamed answer) goes out with its headers in a single write.
 """
@@ -10,9 +10,11 @@ import json
 from collections.abc import Callable
 
 from warmpool.backends.base import Upstream, UpstreamBroken
+from warmpool.dialects.sse import frame
 from warmpool.dialects.transforms import Streamer, Transform
 from warmpool.errors import BackendError, BackendTimeout, WarmpoolError
 from warmpool.http.exchange import Headers, Reply
+from warmpool.proxy.naming import Renamer
 
 SKIP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "upgrade",
@@ -22,12 +24,15 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
 async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
-                transform: Transform | None, on_first_byte: Callable[[], None]) -> None:
-    """Copy `upstream` to the client, with `tags` added to its headers; always releases the upstream
-    connection (closing it early cancels the upstream's work when the client went away)."""
+                transform: Transform | None, on_first_byte: Callable[[], None], error_dialect: str = "",
+                rename: Renamer | None = None) -> None:
+    """Copy `upstream` to the client, with `tags` added to its headers and, with `rename`, the model name
+    the client sent in place of the upstream's; always releases the upstream connection (closing it
+    early cancels the upstream's work when the client went away). `error_dialect` shapes an error inside
+    a stream passed through as it came ("anthropic": an `error` event)."""
     try:
         if transform is None:
-            await _pass_through(reply, upstream, backend, tags, on_first_byte)
+            await _pass_through(reply, upstream, backend, tags, on_first_byte, error_dialect, rename)
         else:
             await _translated(reply, upstream, backend, tags, transform, on_first_byte)
     finally:
@@ -35,7 +40,7 @@ async def relay(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
 
 
 async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
-                        on_first_byte: Callable[[], None]) -> None:
+                        on_first_byte: Callable[[], None], error_dialect: str, rename: Renamer | None) -> None:
     first = b""
     headers = passed_headers(upstream) + tags
     if upstream.content_length is not None:
@@ -47,23 +52,34 @@ async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: He
             # A body that is already all here (the usual non-streamed answer) goes out in one write with
             # its headers: one syscall and one wake-up of the client fewer. Nothing is held back: this is
             # only what one read returned.
-            await reply.whole(upstream.status, upstream.reason, headers, first)
+            await reply.whole(upstream.status, upstream.reason, headers, rename.whole(first) if rename else first)
             on_first_byte()
             return
-    await reply.start(upstream.status, upstream.reason, headers, upstream.content_length)
+    # A renamed body's length changes, so it cannot be announced before the body is all here.
+    await reply.start(upstream.status, upstream.reason, headers, None if rename else upstream.content_length)
     on_first_byte()
-    if first:
-        await reply.write(first)
-    await _copy_chunks(upstream, reply, backend)
+    await _copy_chunks(upstream, reply, backend, rename, first, error_dialect)
     await reply.end()
 
 
-async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str) -> None:
+async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str, rename: Renamer | None,
+                       first: bytes = b"", error_dialect: str = "") -> None:
     try:
-        while chunk := await upstream.readany():
-            await reply.write(chunk)
+        if rename is None:
+            if first:
+                await reply.write(first)
+            while chunk := await upstream.readany():
+                await reply.write(chunk)
+            return
+        chunk = first or await upstream.readany()
+        while chunk:
+            if out := rename.feed(chunk):
+                await reply.write(out)
+            chunk = await upstream.readany()
+        if rest := rename.finish():
+            await reply.write(rest)
     except (UpstreamBroken, TimeoutError) as exc:
-        await _report_mid_stream(reply, upstream_failure(backend, exc))
+        await _report_mid_stream(reply, upstream_failure(backend, exc), error_dialect)
 
 
 async def _translated(reply: Reply, upstream: Upstream, backend: str, tags: Headers,
@@ -88,7 +104,9 @@ async def _translate_chunks(upstream: Upstream, reply: Reply, backend: str, stre
         for line in streamer.finish():
             await reply.write(line)
     except (UpstreamBroken, TimeoutError) as exc:
-        await _report_mid_stream(reply, upstream_failure(backend, exc))
+        error = upstream_failure(backend, exc)
+        for line in streamer.fail(error.status, error.message):  # the translator knows its stream's shape
+            await reply.write(line)
 
 
 def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
@@ -111,13 +129,16 @@ def upstream_failure(backend: str, exc: BaseException) -> BackendError:
     return BackendError(backend, f"upstream dropped the connection mid-response: {exc}")
 
 
-async def _report_mid_stream(reply: Reply, error: WarmpoolError) -> None:
+async def _report_mid_stream(reply: Reply, error: WarmpoolError, dialect: str = "") -> None:
     """The status is already sent: end the stream with an error in the dialect's streaming shape
-    (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event)."""
+    (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event; Anthropic: an `error`
+    event, the only one its SDK raises on)."""
     if reply.content_type not in STREAM_TYPES:
         raise error  # a truncated JSON body: the proxy drops the connection so it cannot pass for whole
     if reply.content_type == "application/x-ndjson":
         await reply.write(json.dumps(error.ollama_body()).encode() + b"\n")
+    elif dialect == "anthropic":
+        await reply.write(frame(error.anthropic_body(), "error"))
     else:
         await reply.write(b"data: " + json.dumps(error.openai_body()).encode() + b"\n\n")
 
@@ -127,7 +148,8 @@ def passed_headers(upstream: Upstream) -> Headers:
     return [(name, value) for name, value in upstream.headers if name.lower() not in SKIP_RESPONSE_HEADERS]
 
 
-async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: Transform | None) -> None:
+async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: Transform | None,
+                     rename: Renamer | None = None) -> None:
     """Continue a stream whose headers already went out (loading feedback): the upstream's status can no
     longer be passed on, so a failure ends the stream with an error in its shape."""
     try:
@@ -136,7 +158,7 @@ async def relay_into(reply: Reply, upstream: Upstream, backend: str, transform: 
             reason = f"answered HTTP {upstream.status}: {raw[:500].decode(errors='replace')}"
             await _report_mid_stream(reply, BackendError(backend, reason))
         elif transform is None:
-            await _copy_chunks(upstream, reply, backend)
+            await _copy_chunks(upstream, reply, backend, rename)
         else:
             await _translate_chunks(upstream, reply, backend, transform.streamer())
         await reply.end()

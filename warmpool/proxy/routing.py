@@ -14,11 +14,18 @@ from warmpool.errors import BadRequest, Dialect, ModelNotFound
 
 PHASE_HEADER = "X-Warmpool-Phase"
 
+# Client endpoints that warmpool translates to the upstream's chat API (or forwards, where the upstream serves
+# them itself): Anthropic's Messages API and OpenAI's Responses API.
+MESSAGES = "/v1/messages"
+RESPONSES = "/v1/responses"
+TRANSLATED = frozenset({MESSAGES, RESPONSES})
+# Anthropic's token counter: the model's own tokenizer where the upstream has one, else an estimate.
+COUNT_TOKENS = "/v1/messages/count_tokens"
 # Endpoints that run a model: they take a lease and may cause a swap.
 INFERENCE = frozenset({
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-})
+}) | TRANSLATED
 # Endpoints that name a model but never load it (Ollama's model store operations).
 MODEL_ADMIN = frozenset({"/api/show", "/api/pull", "/api/delete", "/api/copy"})
 # Endpoints warmpool answers itself from the config and the backends' state.
@@ -31,7 +38,10 @@ ALLOWED_METHODS = {
 
 
 def dialect_of(path: str) -> Dialect:
-    """"openai" for /v1/*, "ollama" for everything else (Ollama's native API and its root)."""
+    """"anthropic" for /v1/messages*, "openai" for the rest of /v1/*, "ollama" for everything else (Ollama's
+    native API and its root)."""
+    if path == MESSAGES or path.startswith(MESSAGES + "/"):
+        return "anthropic"
     return "openai" if path.startswith("/v1/") else "ollama"
 
 
@@ -42,7 +52,8 @@ def allowed_methods(path: str) -> tuple[str, ...]:
 
 
 def is_known_path(path: str) -> bool:
-    return path in INFERENCE or path in MODEL_ADMIN or path in LISTINGS or is_model_entry(path)
+    return (path in INFERENCE or path in MODEL_ADMIN or path in LISTINGS or path == COUNT_TOKENS
+            or is_model_entry(path))
 
 
 def is_model_entry(path: str) -> bool:

@@ -415,6 +415,21 @@ class RamTier:
         paths = [str(p) for p in self.files_of(name) if self._ours_and_free(p)]
         return await self._drop_files(paths, [name])
 
+    def why_kept(self, name: str) -> str | None:
+        """Why `evict` would leave some of the model's files in the page cache, in words; None when it
+        would drop them all."""
+        loaded = set(self.in_backend())
+        reasons = []
+        for path in self.files_of(name):
+            users = sorted(m for m in loaded if path in self.files_of(m))
+            if users:
+                reasons.append(f"loaded in its backend ({', '.join(users)}): a running server maps {path.name}")
+            elif self.warming and path in self.files_of(self.warming):
+                reasons.append(f"{path.name} is being warmed right now")
+            elif str(path) not in self.state.warmed:
+                reasons.append(f"warmpool did not warm {path.name} (it only drops what it read in itself)")
+        return "; ".join(dict.fromkeys(reasons)) or None
+
     def _ours_and_free(self, path: Path) -> bool:
         loaded = set(self.in_backend())
         used_by_loaded = any(path in self.files_of(m) for m in loaded)

@@ -213,6 +213,11 @@ def _needed_victims(view: PoolView, wanted: ModelState) -> list[ModelState] | No
     return _victims_needed(view, wanted, _victim_candidates(view, wanted))
 
 
+def victims_for(view: PoolView, model: str) -> list[ModelState] | None:
+    """The models that must go before `model` can load (none when it fits); None if it never can."""
+    return _needed_victims(view, view.models[model])
+
+
 def _plan_swap(view: PoolView, target: Waiter, now: float, result: Plan, busy: set[str]) -> None:
     wanted = view.models[target.model]
     needed = _needed_victims(view, wanted)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +43,7 @@ from warmpool.errors import (
 )
 from warmpool.metrics import Metrics
 from warmpool.scheduling.phase_order import PhaseOrder, Prediction, Settled
-from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan
+from warmpool.scheduling.policy import ModelState, PoolView, Waiter, held_until, holds, plan, victims_for
 from warmpool.scheduling.swaps import SwapRecord, SwapSteps
 
 log = logging.getLogger("warmpool.scheduler")
@@ -88,14 +89,15 @@ class Lease:
     asynccontextmanager: every proxied request takes one, and the generator form costs several times more.
     """
 
-    __slots__ = ("held", "model", "on_release", "pool", "priority", "waited")
+    __slots__ = ("held", "model", "on_release", "pool", "priority", "use", "waited")
 
     def __init__(self, pool: Pool, model: str, priority: Priority = "interactive",
-                 on_release: Callable[[], None] | None = None) -> None:
+                 on_release: Callable[[], None] | None = None, use: bool = True) -> None:
         self.pool = pool
         self.model = model
         self.priority = priority
         self.on_release = on_release  # told when the request ends (the phase-order learner)
+        self.use = use  # whether it counts as a use of the model (its idle clock, the RAM tier's counts)
         self.held = False
         self.waited = 0.0  # seconds spent in the queue
 
@@ -122,7 +124,7 @@ class Lease:
             self.held = False
             if self.on_release is not None:
                 self.on_release()
-            self.pool._release(self.model, self.priority)
+            self.pool._release(self.model, self.priority, self.use)
 
     async def __aenter__(self) -> Lease:
         if not self.try_now():
@@ -179,9 +181,10 @@ class Pool:
     # -- leases -------------------------------------------------------------------------------------
 
     def lease(self, model: str, priority: Priority = "interactive",
-              on_release: Callable[[], None] | None = None) -> Lease:
-        """A lease on `model`, not yet taken: see `Lease`."""
-        return Lease(self, model, priority, on_release)
+              on_release: Callable[[], None] | None = None, *, use: bool = True) -> Lease:
+        """A lease on `model`, not yet taken: see `Lease`. With `use=False` (warmpool re-arming Ollama's
+        keep_alive) its release neither restarts the model's idle time nor counts as a use."""
+        return Lease(self, model, priority, on_release, use)
 
     def _admit_now(self, model: str, priority: Priority) -> bool:
         if self.closed:
@@ -197,6 +200,21 @@ class Pool:
         if priority == "interactive":
             state.interactive += 1
 
+    def set_keep_alive(self, model: str, seconds: float | None) -> None:
+        """A client's keep_alive, as Ollama takes it: the model's idle expiry from now until it is next
+        loaded (a load starts from the configured one); None (not sent) leaves it; infinite: no expiry.
+        Set while the request holds its lease: the release re-plans."""
+        if seconds is not None:
+            self.models[model].keep_alive = None if math.isinf(seconds) else seconds
+
+    def idle_expiry(self, model: str) -> float | None:
+        """When (on `clock`) warmpool unloads `model` if it stays idle: its keep_alive after its last use;
+        None when it stays while in budget (no keep_alive, or pinned)."""
+        state = self.models[model]
+        if state.pinned or state.keep_alive is None:
+            return None
+        return max(state.last_used, state.loaded_at) + state.keep_alive
+
     def available(self, model: str) -> bool:
         """Whether a lease on `model` would be granted without waiting."""
         state = self.models[model]
@@ -209,16 +227,37 @@ class Pool:
             return f"loading {model}{source}"
         if self.swap_task is not None:
             return f"waiting for a swap to {self.swap_target or 'free room'} before loading {model}"
-        return f"queued for {model}"
+        return self._blocked_by(model) or f"queued for {model}"
 
-    def _release(self, model: str, priority: Priority) -> None:
+    def _blocked_by(self, model: str) -> str | None:
+        """Why no swap to `model` starts yet: a victim still serving requests, or one its min_residency
+        keeps because a request for it is expected (until then, or until the oldest waiter's max_wait,
+        whichever comes first)."""
+        now, view = self.clock(), self.view()
+        victims = victims_for(view, model) or []
+        busy = [v for v in victims if v.inflight]
+        if busy:
+            v = busy[0]
+            return f"waiting for {v.name}'s {v.inflight} running request{'s' if v.inflight > 1 else ''} to finish"
+        queued = {w.model for w in view.waiters}
+        held = [v for v in victims if holds(v, now, v.name in queued)]
+        if not held:
+            return None
+        v = max(held, key=lambda m: held_until(m, m.name in queued))
+        oldest = min((w.since for w in view.waiters), default=now)
+        left = min(held_until(v, v.name in queued), oldest + view.max_wait) - now
+        return f"waiting for {v.name}'s min_residency (a request for it is expected), {max(0.0, left):.0f} s left"
+
+    def _release(self, model: str, priority: Priority, use: bool = True) -> None:
         state = self.models[model]
         state.inflight -= 1
-        state.last_used = self.clock()
+        now = self.clock()
+        if use:
+            state.last_used = now
+            self.hooks.record_use(model)
         if priority == "interactive":
             state.interactive -= 1
-            state.interactive_at = state.last_used
-        self.hooks.record_use(model)
+            state.interactive_at = now
         # While the model stays busy and nobody waits, a new plan would decide what the last one did.
         if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()

@@ -31,20 +31,21 @@ def fitting(cfg: Config) -> list[str]:
     return chosen
 
 
-async def preload(scheduler: Scheduler, cfg: Config, metrics: Metrics | None = None) -> None:
-    """Load each fitting model; pools work in parallel, one model at a time each."""
+async def preload(scheduler: Scheduler, cfg: Config, metrics: Metrics | None = None) -> list[str]:
+    """Load each fitting model; pools work in parallel, one model at a time each. Returns the models
+    preloaded (fewer than asked when warmpool shut down meanwhile)."""
     by_pool: dict[str, list[str]] = {}
     for name in fitting(cfg):
         by_pool.setdefault(cfg.models[name].backend, []).append(name)
-    await asyncio.gather(*(_preload_pool(scheduler, names, metrics) for names in by_pool.values()))
+    done = await asyncio.gather(*(_preload_pool(scheduler, names, metrics) for names in by_pool.values()))
+    return [name for names in done for name in names]
 
 
-async def _preload_pool(scheduler: Scheduler, names: list[str], metrics: Metrics | None) -> None:
-    for name in names:
-        await _load_with_retries(scheduler, name, metrics)
+async def _preload_pool(scheduler: Scheduler, names: list[str], metrics: Metrics | None) -> list[str]:
+    return [name for name in names if await _load_with_retries(scheduler, name, metrics)]
 
 
-async def _load_with_retries(scheduler: Scheduler, name: str, metrics: Metrics | None) -> None:
+async def _load_with_retries(scheduler: Scheduler, name: str, metrics: Metrics | None) -> bool:
     delay = FIRST_RETRY
     while True:
         try:
@@ -52,10 +53,10 @@ async def _load_with_retries(scheduler: Scheduler, name: str, metrics: Metrics |
                 log.info("preloaded %s", name)
             if metrics:
                 metrics.preloads.labels(name, "ok").inc()
-            return
+            return True
         except WarmpoolError as error:
             if scheduler.pool_of(name).closed:
-                return
+                return False
             if metrics:
                 metrics.preloads.labels(name, "error").inc()
             log.warning("preload of %s failed (%s); retrying in %.0f s", name, error.message, delay)

@@ -26,12 +26,16 @@ REFRESH_POLLS = 3  # ... or less than this many polls
 
 
 def due_for_refresh(pool: Pool, listed: dict[str, float | None], now: float, interval: float) -> list[str]:
-    """Idle resident models meant to stay (no keep_alive of their own) whose Ollama lease runs out soon."""
+    """Idle resident models whose Ollama lease runs out soon while warmpool means to keep them longer
+    (no keep_alive, or a client's keep_alive that outlasts the lease warmpool sends)."""
     due = []
     for name, expires in listed.items():
         state, model = pool.models[name], pool.backend.models[name]
-        if state.status != "resident" or state.inflight or model.keep_alive is not None or expires is None:
+        if state.status != "resident" or state.inflight or expires is None:
             continue
+        own = pool.idle_expiry(name)
+        if own is not None and now + (own - pool.clock()) <= expires:
+            continue  # warmpool unloads it itself by then
         margin = max((pool.backend.lease_seconds(model) or 0.0) * REFRESH_FRACTION, interval * REFRESH_POLLS)
         if expires - now < margin:
             due.append(name)
@@ -73,8 +77,8 @@ async def _refresh(pool: Pool, backend: Backend, name: str, metrics: Metrics | N
     if pool.models[name].status != "resident" or name in pool.draining:
         return
     # Hold a lease while re-arming: a swap cannot unload the model under us, so this load request can
-    # never bring back a model that was just evicted.
-    async with pool.lease(name):
+    # never bring back a model that was just evicted. Not a use: the model's idle time goes on.
+    async with pool.lease(name, use=False):
         try:
             await backend.load(backend.models[name])
             result = "ok"

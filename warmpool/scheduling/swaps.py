@@ -67,6 +67,7 @@ class SwapSteps:
         result = await self.backend.load(self.backend.models[name])
         state = self.models[name]
         state.status, state.loaded_at = "resident", self.clock()
+        state.keep_alive = self.backend.models[name].keep_alive  # as in Ollama, a load resets a client's keep_alive
         state.last_used = max(state.last_used, state.loaded_at)
         if result.size and not self.backend.models[name].size:
             state.size = result.size  # measured beats unknown; a configured size is the operator's word
