@@ -11,13 +11,25 @@ the same for every system. The systems, started and stopped here one after the o
       resident, swapping in-process whenever the alias changes, `interrupt_requests: false`; this is
       what its users run today. Loads are counted in its stderr: llama.cpp prints
       "llama_model_loader: loaded meta data" once per `Llama()` construction (default verbose mode).
-  (b) warmpool, managed llama.cpp backend, max_resident 1, requests routed by `X-Warmpool-Phase`.
+  (b) warmpool, managed llama.cpp backend, max_resident 1 (`--max-resident`), requests routed by
+      `X-Warmpool-Phase`, each agent naming its session (`X-Warmpool-Session`), every scheduling
+      feature at its default (RAM tier, preload = `load_ahead`, prefetch on; min_residency 0), and the
+      same with one feature changed, a row each: (r) without the RAM tier, (m) with `min_residency: 5s`,
+      (l) without preload, (p) without prefetch. Below the table, each feature's wall time and TTFT p95
+      with it against without it, and the issue's targets for (b) against (a).
   (c) warmpool in front of the Ollama emulator (tests/ollama_emulator.py), max_resident 1.
   For (b) and (c), loads are the change of `warmpool_swaps_total{result="ok"}` on /metrics over the
   workload, cross-checked against /warmpool/status swap history and, for (c), the emulator's
   load_done events.
 
-All three start with the planner resident (the server's startup load; warmpool's preload), so the
+`--agent` is the agent-like mode: each agent keeps one conversation across its phases, every request
+carrying a shared system prompt of about 1,000 tokens (tool descriptions; `--system-tokens`), then the
+agent's earlier prompts and the answers it got, so every phase's model is sent the whole context, as
+real agents do. Every system is sent the same requests in the same order per agent, with the same chat
+template (gemma) and temperature 0; the answers (and so the conversations) are compared with (a)'s
+and the count of identical ones printed.
+
+All systems start with the planner resident (the server's startup load; warmpool's preload), so the
 counts are loads caused by the workload. Time to first token is measured at the client, from sending
 the request to the first chunk carrying content. On a shared machine the times move with other people's
 work: the last column is the share of all cores that processes outside this benchmark used while a
@@ -25,7 +37,8 @@ system ran (/proc/stat minus our own rusage), and `--repeat N` runs the systems 
 (medians of loads and wall time, TTFT over all samples). Everything runs on 127.0.0.1; every child runs
 in its own process group, dies with this process (PR_SET_PDEATHSIG) and is stopped in a `finally`.
 
-    .venv/bin/python benchmarks/phases.py [--seed N] [--agents N] [--rounds N] [--repeat N] [--quick]
+    .venv/bin/python benchmarks/phases.py [--agent] [--seed N] [--agents N] [--rounds N] [--repeat N]
+                                          [--systems abrmlpc] [--max-resident N] [--quick]
 """
 
 from __future__ import annotations
@@ -58,9 +71,11 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
 PHASE_HEADER = "X-Warmpool-Phase"
+SESSION_HEADER = "X-Warmpool-Session"
 MODEL_HEADER = "X-Warmpool-Model"
 LOAD_MARKER = "llama_model_loader: loaded meta data"  # once per Llama() construction (verbose default)
 N_CTX = 1024
+AGENT_N_CTX = 4096  # a 1,000-token system prompt plus a few rounds of history
 START_TIMEOUT = 180.0
 STOP_GRACE = 30.0
 POLL = 0.1
@@ -93,6 +108,7 @@ class Workload:
     models: tuple[str, ...]
     phases: dict[str, str]  # phase -> model
     agents: tuple[tuple[Step, ...], ...]
+    system: str | None = None  # agent mode: the system prompt every request starts with
 
     @property
     def requests(self) -> int:
@@ -123,12 +139,45 @@ def agent_plan(seed: int, agent: int, rounds: int, p_debug: float, think: tuple[
     return tuple(steps)
 
 
+TOOLS = ("read_file", "write_file", "list_directory", "search_code", "run_tests", "run_command", "git_diff",
+         "git_commit", "open_issue", "fetch_url", "ask_user", "edit_lines", "rename_symbol", "find_references",
+         "format_code", "lint_code", "install_package", "read_docs", "summarize", "plan_steps")
+VERBS = ("returns", "accepts", "requires", "reports", "streams", "checks", "keeps", "writes")
+NOUNS = ("the path", "a line range", "the exit status", "a glob pattern", "the diff", "a commit message",
+         "the test names", "a timeout in seconds", "the working directory", "a JSON object", "the encoding",
+         "the search query", "a list of files", "the error output", "the symbol name", "a URL")
+
+
+def system_prompt(words: int) -> str:
+    """A deterministic agent system prompt of tool descriptions, about `words` words long (the gemma
+    tokenizer makes about 1.3 tokens of a word here; the header prints the measured count)."""
+    rng = random.Random("system-prompt")
+    lines = ["You are a coding agent working in a repository. Use the tools below; answer briefly."]
+    count = len(lines[0].split())
+    while count < words:
+        tool = TOOLS[len(lines) % len(TOOLS)]
+        line = (f"Tool {tool}: {rng.choice(VERBS)} {rng.choice(NOUNS)} and {rng.choice(VERBS)} "
+                f"{rng.choice(NOUNS)}; use it when {rng.choice(NOUNS)} {rng.choice(VERBS)} {rng.choice(NOUNS)}.")
+        lines.append(line)
+        count += len(line.split())
+    return "\n".join(lines)
+
+
 def make_workload(args: argparse.Namespace) -> Workload:
     phases = phase_models(args.models)
     think = (args.think_min, args.think_max)
     agents = tuple(agent_plan(args.seed, agent, args.rounds, args.p_debug, think, phases)
                    for agent in range(args.agents))
-    return Workload(MODEL_NAMES[: args.models], phases, agents)
+    system = system_prompt(round(args.system_tokens / 1.3)) if args.agent else None
+    return Workload(MODEL_NAMES[: args.models], phases, agents, system)
+
+
+def count_tokens(gguf: str, text: str) -> int:
+    """Tokens of `text` under the model's own tokenizer (its vocabulary only is loaded)."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=gguf, vocab_only=True, verbose=False)
+    return len(vocab.tokenize(text.encode(), add_bos=False, special=False))
 
 
 # ---------------------------------------------------------------- the client
@@ -140,6 +189,8 @@ class Sample:
     ttft: float | None  # seconds to the first content chunk; None if none came
     total: float
     error: str | None = None
+    text: str = ""  # the answer's content
+    chunks: int = 0  # content chunks streamed (one token each, on llama.cpp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,28 +199,32 @@ class Target:
     by_phase: bool  # warmpool: send X-Warmpool-Phase and check which model answered
 
 
-def chat_body(step: Step, args: argparse.Namespace) -> dict[str, Any]:
-    return {"model": step.model, "messages": [{"role": "user", "content": step.prompt}],
+Message = dict[str, str]
+
+
+def chat_body(step: Step, args: argparse.Namespace, messages: list[Message]) -> dict[str, Any]:
+    return {"model": step.model, "messages": messages,
             "max_tokens": args.max_tokens, "temperature": 0.0, "seed": args.seed, "stream": True}
 
 
-def has_content(line: bytes) -> bool:
-    """Whether an SSE line is a chunk whose delta carries text."""
+def content_of(line: bytes) -> str:
+    """The text an SSE line's delta carries ("" for none)."""
     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-        return False
+        return ""
     try:
         choices = json.loads(line[6:]).get("choices") or [{}]
     except ValueError:
-        return False
-    return bool((choices[0].get("delta") or {}).get("content"))
+        return ""
+    return str((choices[0].get("delta") or {}).get("content") or "")
 
 
 async def stream_chat(session: aiohttp.ClientSession, target: Target, step: Step,
-                      args: argparse.Namespace) -> Sample:
-    headers = {PHASE_HEADER: step.phase} if target.by_phase else {}
-    started, first = time.perf_counter(), None
+                      args: argparse.Namespace, messages: list[Message]) -> Sample:
+    headers = {PHASE_HEADER: step.phase, SESSION_HEADER: f"agent-{step.agent}"} if target.by_phase else {}
+    started, first, parts = time.perf_counter(), None, []
     try:
-        async with session.post(target.base + CHAT_PATH, json=chat_body(step, args), headers=headers) as resp:
+        async with session.post(target.base + CHAT_PATH, json=chat_body(step, args, messages),
+                                headers=headers) as resp:
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 return Sample(step, None, time.perf_counter() - started, f"HTTP {resp.status}: {text}")
@@ -177,21 +232,33 @@ async def stream_chat(session: aiohttp.ClientSession, target: Target, step: Step
             last = b""
             async for line in resp.content:
                 last = line.strip() or last
-                if first is None and has_content(line):
-                    first = time.perf_counter() - started
+                content = content_of(line)
+                if content:
+                    parts.append(content)
+                    first = first if first is not None else time.perf_counter() - started
     except (TimeoutError, aiohttp.ClientError) as exc:
         return Sample(step, None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
     error = None if first is not None else f"stream carried no content; last line {last[:300]!r}"
     error = f"routed to {routed}, expected {step.model}" if routed != step.model else error
-    return Sample(step, first, time.perf_counter() - started, error)
+    return Sample(step, first, time.perf_counter() - started, error, "".join(parts), len(parts))
 
 
 async def run_agent(session: aiohttp.ClientSession, target: Target, steps: tuple[Step, ...],
-                    args: argparse.Namespace) -> list[Sample]:
+                    args: argparse.Namespace, system: str | None) -> list[Sample]:
+    """One agent's steps in order; in agent mode it keeps its conversation: each prompt and the answer
+    it got go into the context of its next request, whichever phase's model that goes to. The system
+    prompt opens the first user turn: Gemma's chat template has no system role (llama-cpp-python's
+    "gemma" format drops system messages), and this is how Gemma's instructions are given."""
     samples = []
+    context: list[Message] = []
     for step in steps:
         await asyncio.sleep(step.think)
-        samples.append(await stream_chat(session, target, step, args))
+        prompt = step.prompt if system is None or context else f"{system}\n\n{step.prompt}"
+        user = {"role": "user", "content": prompt}
+        sample = await stream_chat(session, target, step, args, [*context, user])
+        samples.append(sample)
+        if system is not None:
+            context += [user, {"role": "assistant", "content": sample.text}]
     return samples
 
 
@@ -201,7 +268,8 @@ async def run_workload(target: Target, workload: Workload,
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         started = time.perf_counter()
-        per_agent = await asyncio.gather(*(run_agent(session, target, s, args) for s in workload.agents))
+        per_agent = await asyncio.gather(*(run_agent(session, target, s, args, workload.system)
+                                           for s in workload.agents))
         wall = time.perf_counter() - started
     return [sample for samples in per_agent for sample in samples], wall
 
@@ -342,17 +410,17 @@ class Bench:
         return self.workdir / name
 
 
-def llama_entry(gguf: str, alias: str) -> dict[str, Any]:
+def llama_entry(gguf: str, alias: str, n_ctx: int) -> dict[str, Any]:
     """One model as llama-cpp-python's config file takes it; the same settings warmpool passes its
     managed servers (gemma needs its chat format named; use_mlock off as warmpool sets it)."""
-    return {"model": gguf, "model_alias": alias, "n_ctx": N_CTX, "chat_format": "gemma",
+    return {"model": gguf, "model_alias": alias, "n_ctx": n_ctx, "chat_format": "gemma",
             "use_mmap": True, "use_mlock": False}
 
 
 async def system_a(bench: Bench) -> Result:
     port = free_port()
     config = {"host": HOST, "port": port, "interrupt_requests": False,
-              "models": [llama_entry(bench.gguf, name) for name in bench.workload.models]}
+              "models": [llama_entry(bench.gguf, name, bench.args.n_ctx) for name in bench.workload.models]}
     config_path = bench.path("a-llama_cpp_server.json")
     config_path.write_text(json.dumps(config, indent=1))
     argv = [bench.args.python, "-m", "llama_cpp.server", "--config_file", str(config_path)]
@@ -368,11 +436,17 @@ async def system_a(bench: Bench) -> Result:
     return Result("(a) llama-cpp-python multi-model server", loads, samples, wall, [note])
 
 
-def warmpool_config(port: int, backend: dict[str, Any], models: dict[str, dict[str, Any]],
-                    workload: Workload) -> dict[str, Any]:
-    return {"listen": f"{HOST}:{port}", "backends": {"pool": {**backend, "max_resident": 1}},
+def warmpool_config(port: int, backend: dict[str, Any], models: dict[str, dict[str, Any]], bench: Bench,
+                    key: str, changes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """warmpool's config for system `key`: every feature at its default unless `changes` (by section)
+    says otherwise; the RAM tier's usage file in the scratch directory, so runs do not teach each other."""
+    changes = changes or {}
+    return {"listen": f"{HOST}:{port}",
+            "backends": {"pool": {**backend, "max_resident": bench.args.max_resident}},
             "models": {name: {"backend": "pool", **settings} for name, settings in models.items()},
-            "phases": dict(workload.phases), "preload": [workload.models[0]]}
+            "phases": dict(bench.workload.phases), "preload": [bench.workload.models[0]],
+            "scheduler": changes.get("scheduler", {}),
+            "ram_tier": {"state_file": str(bench.path(f"{key}-usage.json")), **changes.get("ram_tier", {})}}
 
 
 @dataclass(slots=True)
@@ -420,12 +494,14 @@ def swap_notes(before: dict[str, int], after: dict[str, int], history: list[dict
 
 async def run_warmpool(bench: Bench, key: str, label: str, backend: dict[str, Any],
                        models: dict[str, dict[str, Any]],
-                       counter: Callable[[], Awaitable[int]] | None = None) -> Result:
+                       counter: Callable[[], Awaitable[int]] | None = None,
+                       changes: dict[str, dict[str, Any]] | None = None) -> Result:
     """Start warmpool with this backend, wait for the preloaded planner, run the workload, stop it.
     `counter`, if given, counts loads on the backend's side, for a cross-check."""
     port = free_port()
     config_path = bench.path(f"{key}-warmpool.yaml")  # JSON is YAML
-    config_path.write_text(json.dumps(warmpool_config(port, backend, models, bench.workload), indent=1))
+    config = warmpool_config(port, backend, models, bench, key, changes)
+    config_path.write_text(json.dumps(config, indent=1))
     argv = [bench.args.python, "-m", "warmpool", "serve", "--config", str(config_path)]
     wp = Warmpool(f"http://{HOST}:{port}", bench.session)
     async with running(argv, bench.path(f"{key}-warmpool.log")) as child:
@@ -436,18 +512,42 @@ async def run_warmpool(bench: Bench, key: str, label: str, backend: dict[str, An
         samples, wall = await run_workload(Target(wp.base, by_phase=True), bench.workload, bench.args)
         after = await wp.swaps_total()
         result = Result(label, after["ok"] - before["ok"], samples, wall,
-                        [swap_notes(before, after, *await wp.swaps_since(wall_clock))])
+                        [swap_notes(before, after, *await wp.swaps_since(wall_clock)),
+                         prefetch_notes((await wp.status()).get("prefetch", {}))])
         if counter:
             result.notes.append(f"emulator /_emulator/events load_done during the workload: "
                                 f"{await counter() - counted_before}")
     return result
 
 
-async def system_b(bench: Bench) -> Result:
-    backend = {"kind": "llamacpp"}
-    models = {name: {"gguf": bench.gguf, "n_ctx": N_CTX, "chat_format": "gemma", "use_mmap": True,
-                     "use_mlock": False} for name in bench.workload.models}
-    return await run_warmpool(bench, "b", "(b) warmpool, managed llama.cpp", backend, models)
+def prefetch_notes(counts: dict[str, Any]) -> str:
+    if not counts.get("enabled"):
+        return "prefetch off"
+    return (f"prefetch: {counts['predictions']} predictions, {counts['hits']} hits, "
+            f"{counts['wasted_bytes']} bytes warmed for nothing")
+
+
+# The warmpool rows: (b) with every feature at its default, and one feature changed per row.
+VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "b": ("(b) warmpool, managed llama.cpp", {}),
+    "r": ("(r) (b) without the RAM tier", {"ram_tier": {"enabled": False}}),
+    "m": ("(m) (b) with min_residency 5s", {"scheduler": {"min_residency": "5s"}}),
+    "l": ("(l) (b) without preload (load_ahead)", {"scheduler": {"load_ahead": False}}),
+    "p": ("(p) (b) without prefetch", {"scheduler": {"prefetch": False}}),
+}
+# Each feature: the row with it, the row without it.
+FEATURES = (("RAM tier", "b", "r"), ("min_residency 5s", "m", "b"), ("preload", "b", "l"), ("prefetch", "b", "p"))
+
+
+def managed_llamacpp(key: str) -> Callable[[Bench], Awaitable[Result]]:
+    label, changes = VARIANTS[key]
+
+    async def system(bench: Bench) -> Result:
+        backend = {"kind": "llamacpp"}
+        models = {name: {"gguf": bench.gguf, "n_ctx": bench.args.n_ctx, "chat_format": "gemma",
+                         "use_mmap": True, "use_mlock": False} for name in bench.workload.models}
+        return await run_warmpool(bench, key, label, backend, models, changes=changes)
+    return system
 
 
 def emulator_argv(bench: Bench, port: int) -> list[str]:
@@ -476,7 +576,8 @@ async def system_c(bench: Bench) -> Result:
         return await run_warmpool(bench, "c", "(c) warmpool, Ollama emulator", backend, models, load_done)
 
 
-SYSTEMS: dict[str, Callable[[Bench], Awaitable[Result]]] = {"a": system_a, "b": system_b, "c": system_c}
+SYSTEMS: dict[str, Callable[[Bench], Awaitable[Result]]] = {
+    "a": system_a, **{key: managed_llamacpp(key) for key in VARIANTS}, "c": system_c}
 
 
 # ---------------------------------------------------------------- runs and the machine's noise
@@ -503,6 +604,9 @@ async def measure(bench: Bench, key: str) -> Result:
         result = await SYSTEMS[key](bench)
     others = (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)
     result.other_cpu = max(0.0, others) / ((time.monotonic() - started) * (os.cpu_count() or 1))
+    fig = figures(result)  # as it goes, so that an interrupted run still shows what it measured
+    print(f"  ({key}) loads {fig['loads']:g}, TTFT mean {fig['mean']:.3f} s, p95 {fig['p95']:.3f} s, "
+          f"wall {fig['wall']:.1f} s, others' CPU {result.other_cpu:.0%}", file=sys.stderr, flush=True)
     return result
 
 
@@ -547,6 +651,7 @@ def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.2f}x"
 
 
+NOISE = 0.05  # a feature's row within this of the row without it counts as not slower
 COLUMNS = (("loads", "loads", "{:g}"), ("mean", "TTFT mean", "{:.3f} s"), ("p95", "TTFT p95", "{:.3f} s"),
            ("wall", "wall", "{:.1f} s"))
 
@@ -567,7 +672,49 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def by_key(results: list[Result]) -> dict[str, Result]:
+    return {r.label[1]: r for r in results}  # "(b) warmpool ..." -> "b"
+
+
+def verdicts(results: list[Result]) -> Iterator[str]:
+    """Each feature with it against without it, and the issue's targets for (b) against (a)."""
+    found = by_key(results)
+    for feature, with_key, without_key in FEATURES:
+        if with_key not in found or without_key not in found:
+            continue
+        with_it, without = figures(found[with_key]), figures(found[without_key])
+        wall, tail = with_it["wall"] / without["wall"], with_it["p95"] / without["p95"]
+        slower = [name for name, value in (("wall", wall), ("TTFT p95", tail)) if value > 1.0 + NOISE]
+        verdict = f"slower ({', '.join(slower)})" if slower else "not slower"
+        yield (f"{feature}: ({with_key}) against ({without_key}): wall {wall:.2f}x, TTFT p95 {tail:.2f}x: "
+               f"{verdict} (within {NOISE:.0%} counts as not slower)")
+    if "a" in found and "b" in found:
+        a, b = figures(found["a"]), figures(found["b"])
+        checks = [("TTFT p95", b["p95"] / a["p95"], 0.5), ("wall", b["wall"] / a["wall"], 0.7),
+                  ("model loads", b["loads"] / a["loads"] if a["loads"] else math.inf, 1.0)]
+        yield "targets, (b) against (a): " + "; ".join(
+            f"{name} {value:.2f}x (<= {limit:g}x: {'met' if value <= limit else 'missed'})"
+            for name, value, limit in checks)
+
+
+def same_work(results: list[Result]) -> Iterator[str]:
+    """How many answers each system gave that are identical to (a)'s, and the content chunks streamed."""
+    found = by_key(results)
+    reference = {(s.step.agent, s.step.round, s.step.phase, i): s.text
+                 for i, s in enumerate(found["a"].samples)} if "a" in found else None
+    for result in results:
+        chunks = sum(s.chunks for s in result.samples)
+        line = f"{result.label[:3]} content chunks streamed: {chunks}"
+        if reference is not None and result.label[1] not in ("a", "c"):  # (c) answers with emulated text
+            same = sum(1 for i, s in enumerate(result.samples)
+                       if reference.get((s.step.agent, s.step.round, s.step.phase, i)) == s.text)
+            line += f"; answers identical to (a)'s: {same}/{len(result.samples)}"
+        yield line
+
+
 def details(results: list[Result]) -> Iterator[str]:
+    yield from verdicts(results)
+    yield from same_work(results)
     for result in results:
         yield f"{result.label[:3]} " + "; ".join(result.notes)
         errors = [s for s in result.samples if s.error]
@@ -578,6 +725,14 @@ def details(results: list[Result]) -> Iterator[str]:
                "emulator's settings, not inference; its load count is comparable.")
 
 
+def agent_line(bench: Bench) -> str:
+    if bench.workload.system is None:
+        return "one-message requests (no --agent)\n"
+    tokens = count_tokens(bench.gguf, bench.workload.system)
+    return (f"--agent: each agent keeps its conversation across phases; a shared system prompt of {tokens} "
+            f"tokens opens it\n")
+
+
 def header(bench: Bench) -> str:
     args, wl = bench.args, bench.workload
     mapping = ", ".join(f"{phase}->{model}" for phase, model in wl.phases.items())
@@ -585,7 +740,9 @@ def header(bench: Bench) -> str:
             f"p(debug) {args.p_debug:g}, {wl.requests} streamed chat requests per system, "
             f"max_tokens {args.max_tokens}, "
             f"think {args.think_min:g}-{args.think_max:g} s\n"
-            f"models: {len(wl.models)} aliases of gemma-3 270M Q4_K_M (n_ctx {N_CTX}, CPU); {mapping}\n"
+            f"models: {len(wl.models)} aliases of gemma-3 270M Q4_K_M (n_ctx {args.n_ctx}, CPU); {mapping}; "
+            f"warmpool max_resident {args.max_resident}\n"
+            f"{agent_line(bench)}"
             f"(c) emulator: {args.emu_size_gb:g} GB models, load {args.emu_load_seconds:g} s, "
             f"token delay {args.emu_token_delay:g} s; {args.repeat} run(s) of each system")
 
@@ -641,15 +798,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--request-timeout", type=float, default=300.0)
     add("--system-timeout", type=float, default=900.0)
     add("--repeat", type=int, default=1, help="run every system N times, interleaved; medians reported")
-    add("--systems", default="abc", help="which systems to run, in order (default abc)")
+    add("--systems", default="abrmlpc", help="which systems to run, in order (default abrmlpc)")
     add("--workdir", help="keep configs and child logs here (default: a temporary directory, removed)")
     add("--python", default=sys.executable, help="interpreter with llama_cpp[server] and warmpool's deps")
     add("--quick", action="store_true", help="2 agents x 2 rounds, max_tokens 8, settle 1 s")
+    add("--agent", action="store_true", help="agent-like mode: one conversation per agent, a long system prompt")
+    add("--system-tokens", type=int, default=1000, help="--agent: the system prompt's length, about")
+    add("--max-resident", type=int, default=1, help="warmpool's pool size (llama-cpp-python holds one model)")
     args = parser.parse_args(argv)
     if args.quick:
         args.agents, args.rounds, args.max_tokens, args.settle = 2, 2, 8, 1.0
     if set(args.systems) - set(SYSTEMS):
-        parser.error("--systems takes letters from 'abc'")
+        parser.error(f"--systems takes letters from {''.join(SYSTEMS)!r}")
+    args.n_ctx = AGENT_N_CTX if args.agent else N_CTX
     return args
 
 

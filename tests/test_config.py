@@ -174,7 +174,8 @@ def test_every_key_of_the_schema_is_documented_in_the_example() -> None:
     text = EXAMPLE.read_text()
     keys = ["listen", "log", "level", "format", "max_body_size", "timeouts", "connect", "first_byte", "idle",
             "shutdown", "auth", "api_keys", "admin_keys", "scheduler", "max_queue", "queue_timeout",
-            "max_wait",
+            "max_wait", "load_ahead", "prefetch", "prefetch_threshold", "default_priority", "priorities",
+            "interactive_max_wait",
             "min_residency", "backends", "kind", "url", "api_key", "max_resident", "vram_budget", "python",
             "start_timeout", "stop_grace", "context_budget", "context_dir", "context_spill_dir",
             "context_spill_budget", "context_min_tokens", "models", "backend", "upstream_name", "gguf", "n_ctx",
@@ -535,6 +536,13 @@ def test_unknown_key_without_a_close_match_has_no_suggestion() -> None:
     ({"scheduler": {"max_queue": 0}}, "scheduler.max_queue: expected an integer >= 1, got 0"),
     ({"scheduler": {"max_queue": 2.5}}, "scheduler.max_queue: expected an integer >= 1, got 2.5"),
     ({"scheduler": {"max_queue": True}}, "scheduler.max_queue: expected an integer >= 1, got true"),
+    ({"scheduler": {"default_priority": "urgent"}},
+     "scheduler.default_priority: expected one of interactive, batch, got 'urgent'"),
+    ({"scheduler": {"priorities": {"p": "low"}}, "phases": {"p": "planner"}},
+     "scheduler.priorities: expected one of interactive, batch, got 'low'"),
+    ({"scheduler": {"priorities": {"nope": "batch"}}}, "scheduler.priorities.nope: unknown phase 'nope'"),
+    ({"scheduler": {"prefetch_threshold": 0}}, "scheduler.prefetch_threshold: expected a fraction in (0, 1]"),
+    ({"scheduler": {"prefetch": "yes"}}, "scheduler.prefetch: expected true or false, got 'yes'"),
     ({"auth": {"api_keys": "k"}}, "auth.api_keys: expected a list of strings, got str"),
     ({"auth": {"admin_keys": ["a", ""]}},
      "auth.admin_keys: item 1: expected a non-empty string, got an empty string"),
@@ -821,3 +829,15 @@ def _as_kwargs(cfg: Config) -> dict[str, Any]:
 def test_redacted_example_round_trips() -> None:
     cfg = load_config(EXAMPLE, env={})
     assert config_from_mapping(redacted(cfg), env={}, source=cfg.source) == cfg
+
+
+def test_scheduler_classes_and_prefetch_settings() -> None:
+    cfg = build(minimal(phases={"index": "planner", "chat": "planner"},
+                        scheduler={"priorities": {"index": "batch"}, "default_priority": "interactive",
+                                   "interactive_max_wait": "2s", "prefetch": False, "load_ahead": False,
+                                   "prefetch_threshold": 0.8}))
+    sched = cfg.scheduler
+    assert (sched.priorities, sched.default_priority, sched.interactive_max_wait) == ({"index": "batch"},
+                                                                                        "interactive", 2.0)
+    assert (sched.prefetch, sched.load_ahead, sched.prefetch_threshold) == (False, False, 0.8)
+    assert build(minimal()).scheduler.prefetch and build(minimal()).scheduler.load_ahead  # on by default

@@ -40,6 +40,7 @@ def test_request_meters_record_into_their_labels() -> None:
     meters = metrics.meters("coder", "gpu", "execution", "openai")
     assert metrics.meters("coder", "gpu", "execution", "openai") is meters
     assert metrics.meters("coder", "gpu", "", "openai") is not meters  # no phase: another series
+    assert metrics.meters("coder", "gpu", "execution", "openai", "batch") is not meters  # by class
     meters.answered(200).inc()
     meters.answered(200).inc()
     meters.answered(502).inc()
@@ -47,10 +48,10 @@ def test_request_meters_record_into_their_labels() -> None:
     meters.duration.observe(0.3)
     meters.queue_wait.observe(0.0)
     text = generate_latest(metrics.registry).decode()
-    labels = 'dialect="openai",model="coder",phase="execution"'
+    labels = 'dialect="openai",model="coder",phase="execution",priority="interactive"'
     assert f'warmpool_requests_total{{{labels},status="200"}} 2.0' in text
     assert f'warmpool_requests_total{{{labels},status="502"}} 1.0' in text
     assert 'warmpool_time_to_first_byte_seconds_bucket{le="0.005",model="coder"} 1.0' in text
     assert 'warmpool_request_duration_seconds_bucket{le="0.25",model="coder"} 0.0' in text
     assert 'warmpool_request_duration_seconds_count{model="coder"} 1.0' in text
-    assert 'warmpool_queue_wait_seconds_count{model="coder",pool="gpu"} 1.0' in text
+    assert 'warmpool_queue_wait_seconds_count{model="coder",pool="gpu",priority="interactive"} 1.0' in text

@@ -159,11 +159,12 @@ async def test_metrics_record_requests_swaps_and_queue_wait(emu: OllamaEmulator)
             assert (await request("POST", url + "/api/generate", {**GEN, "model": phase}))[0] == 200
         code, _, text = await request("GET", url + "/metrics")
     assert code == 200
-    assert 'warmpool_requests_total{dialect="ollama",model="alpha",phase="plan",status="200"} 1.0' in text
+    assert ('warmpool_requests_total{dialect="ollama",model="alpha",phase="plan",priority="interactive",'
+            'status="200"} 1.0') in text
     assert 'warmpool_swaps_total{model="beta",pool="ol",reason="demand",result="ok"} 1.0' in text
     assert 'warmpool_evictions_total{model="alpha",pool="ol",reason="demand"} 1.0' in text
     assert 'warmpool_swap_duration_seconds_count{model="beta",pool="ol",source="unknown"} 1.0' in text
-    assert 'warmpool_queue_wait_seconds_count{model="alpha",pool="ol"} 1.0' in text
+    assert 'warmpool_queue_wait_seconds_count{model="alpha",pool="ol",priority="interactive"} 1.0' in text
 
 
 async def test_drift_an_outside_unload_is_noticed_and_reloaded(emu: OllamaEmulator) -> None:

@@ -296,6 +296,15 @@ async def test_warming_a_warm_model_reads_nothing(make_tier: TierFactory) -> Non
     assert again.bytes_warmed == 0 and again.held == "already in RAM"
 
 
+async def test_prepare_warms_a_cold_model_ahead_of_its_swap_and_nothing_else(make_tier: TierFactory) -> None:
+    # The pools' hook: a model the scheduler expects to load soon.
+    tier = make_tier(["a"])
+    tier.set_weights("remote", WeightFiles(reason="no weight files found"))
+    assert await tier.prepare("a") == 16 * MiB and resident(tier.files_of("a")[0]) > 0.99
+    assert await tier.prepare("a") == 0  # already in RAM
+    assert await tier.prepare("remote") == 0  # no files: nothing to warm, and no error for the pool
+
+
 async def test_a_model_without_files_has_no_ram_tier(make_tier: TierFactory) -> None:
     tier = make_tier([])
     tier.set_weights("remote", WeightFiles(reason="no manifest for library/x:latest under /m/manifests"))

@@ -30,11 +30,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._meters: dict[tuple[str, str, str, str], RequestMeters] = {}
+        self._meters: dict[tuple[str, str, str, str, str], RequestMeters] = {}
         # Recorded on every proxied request: the lock-free kind (see LoopCounter).
         self.requests = LoopCounter(
-            "warmpool_requests", "Proxied requests by model, phase, dialect and HTTP status.",
-            ["model", "phase", "dialect", "status"], registry=registry)
+            "warmpool_requests", "Proxied requests by model, phase, dialect, priority class and HTTP status.",
+            ["model", "phase", "dialect", "priority", "status"], registry=registry)
         self.request_duration = LoopHistogram(
             "warmpool_request_duration_seconds", "Time from request arrival to the end of the response.",
             ["model"], buckets=REQUEST_BUCKETS, registry=registry)
@@ -43,7 +43,7 @@ class Metrics:
             ["model"], buckets=REQUEST_BUCKETS, registry=registry)
         self.queue_wait = LoopHistogram(
             "warmpool_queue_wait_seconds", "Time a request waited for its model to be resident.",
-            ["pool", "model"], buckets=REQUEST_BUCKETS, registry=registry)
+            ["pool", "model", "priority"], buckets=REQUEST_BUCKETS, registry=registry)
         self.swap_duration = Histogram(
             "warmpool_swap_duration_seconds",
             "Time from a swap's start (evictions included) until the new model produced a token.",
@@ -65,15 +65,28 @@ class Metrics:
             ["pool", "model", "result"], registry=registry)
         self.preloads = Counter(
             "warmpool_preloads", "Preload attempts at start, by result.", ["model", "result"], registry=registry)
+        self.predictions = Counter(
+            "warmpool_predictions", "Likely next models predicted from a session's learned phase order.",
+            ["model"], registry=registry)
+        self.prediction_hits = Counter(
+            "warmpool_prediction_hits", "Predictions the session's next request confirmed.", ["model"],
+            registry=registry)
+        self.prefetch_warmed = Counter(
+            "warmpool_prefetch_warmed_bytes", "Weight bytes read into RAM ahead of an expected swap.", ["model"],
+            registry=registry)
+        self.prefetch_wasted = Counter(
+            "warmpool_prefetch_wasted_bytes", "Weight bytes warmed for a prediction that missed.", ["model"],
+            registry=registry)
         self.lost = Counter(
             "warmpool_models_lost", "Models that left a backend without warmpool unloading them.",
             ["pool", "model"], registry=registry)
         ProcessCollector(namespace="warmpool", registry=registry)  # warmpool_process_resident_memory_bytes, ...
 
-    def meters(self, model: str, pool: str, phase: str, dialect: str) -> RequestMeters:
-        """What requests for `model`, chosen by `phase` (or "") in `dialect`, record; built once per such
-        combination (they are bounded: configured names), so a request pays no label lookups."""
-        key = (model, pool, phase, dialect)
+    def meters(self, model: str, pool: str, phase: str, dialect: str, priority: str = "interactive") -> RequestMeters:
+        """What requests for `model`, chosen by `phase` (or "") in `dialect`, of class `priority`, record;
+        built once per such combination (they are bounded: configured names), so a request pays no label
+        lookups."""
+        key = (model, pool, phase, dialect, priority)
         found = self._meters.get(key)
         if found is None:
             found = self._meters[key] = RequestMeters(self, *key)
@@ -89,11 +102,11 @@ class RequestMeters:
 
     __slots__ = ("_by_status", "_labels", "_requests", "duration", "first_byte", "queue_wait")
 
-    def __init__(self, metrics: Metrics, model: str, pool: str, phase: str, dialect: str) -> None:
+    def __init__(self, metrics: Metrics, model: str, pool: str, phase: str, dialect: str, priority: str) -> None:
         self.first_byte = metrics.first_byte.labels(model)
         self.duration = metrics.request_duration.labels(model)
-        self.queue_wait = metrics.queue_wait.labels(pool, model)
-        self._requests, self._labels = metrics.requests, (model, phase, dialect)
+        self.queue_wait = metrics.queue_wait.labels(pool, model, priority)
+        self._requests, self._labels = metrics.requests, (model, phase, dialect, priority)
         self._by_status: dict[int, CounterChild] = {}
 
     def answered(self, status: int) -> CounterChild:

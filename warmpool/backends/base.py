@@ -28,7 +28,7 @@ from warmpool.metrics import Sample
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization",
-    "x-warmpool-phase", "x-api-key",
+    "x-warmpool-phase", "x-warmpool-session", "x-warmpool-priority", "x-api-key",
 })
 # Also never forwarded: the body is re-serialised JSON, whatever type the client claimed (curl's default
 # form type would lie); and Expect: 100-continue, since warmpool already holds the whole body and sends it

@@ -16,6 +16,7 @@ from warmpool.config.model import (
     MemoryAmount,
     ModelConfig,
     OllamaModel,
+    Priority,
     RamTierConfig,
     SchedulerConfig,
     Strategy,
@@ -26,7 +27,7 @@ from warmpool.config.values import parse_duration, parse_size
 
 __all__ = [
     "AuthConfig", "BackendConfig", "BackendKind", "BalancerConfig", "CommandModel", "Config", "LlamaCppModel",
-    "LogConfig", "MemoryAmount", "ModelConfig", "OllamaModel", "RamTierConfig", "SchedulerConfig", "Strategy",
-    "TimeoutsConfig", "config_from_mapping", "config_warnings", "discover_config_path", "load_config",
+    "LogConfig", "MemoryAmount", "ModelConfig", "OllamaModel", "Priority", "RamTierConfig", "SchedulerConfig",
+    "Strategy", "TimeoutsConfig", "config_from_mapping", "config_warnings", "discover_config_path", "load_config",
     "parse_duration", "parse_size", "redacted",
 ]

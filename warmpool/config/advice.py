@@ -9,26 +9,17 @@ from warmpool.config.model import Config
 
 def config_warnings(cfg: Config) -> list[str]:
     """One line per surprise, naming the keys involved."""
-    return _min_residency_stalls(cfg)
+    return _interactive_wait_past_max_wait(cfg)
 
 
-def _min_residency_stalls(cfg: Config) -> list[str]:
-    """On a pool that holds one model, a model's min_residency longer than scheduler.max_wait makes the
-    first request for any other model of that pool wait the whole max_wait after the model loads (a
-    preloaded one: right at start)."""
-    found = []
-    max_wait = cfg.scheduler.max_wait
-    for backend in cfg.backends.values():
-        models = [m for m in cfg.models.values() if m.backend == backend.name]
-        if backend.max_resident != 1 or len(models) < 2:
-            continue
-        for model in models:
-            own = model.min_residency is not None
-            min_residency = model.min_residency if model.min_residency is not None else cfg.scheduler.min_residency
-            if min_residency > max_wait and not model.pin:
-                where = f"models.{model.name}.min_residency" if own else "scheduler.min_residency"
-                found.append(
-                    f"{where} ({min_residency:g} s) is longer than scheduler.max_wait ({max_wait:g} s) on backend "
-                    f"{backend.name!r}, which holds one model: once {model.name} is loaded, a request for another "
-                    f"of its models waits max_wait ({max_wait:g} s); keep min_residency below max_wait")
-    return found
+def _interactive_wait_past_max_wait(cfg: Config) -> list[str]:
+    """An interactive request cuts a batch model's residency short after interactive_max_wait, meant to be
+    the shorter wait; past max_wait, max_wait (which applies to every request) comes first. (A
+    min_residency longer than max_wait is no longer worth a warning: it holds a model only while a
+    request for it is queued or expected sooner than a swap back costs.)"""
+    sched = cfg.scheduler
+    if sched.interactive_max_wait <= sched.max_wait:
+        return []
+    return [f"scheduler.interactive_max_wait ({sched.interactive_max_wait:g} s) is longer than "
+            f"scheduler.max_wait ({sched.max_wait:g} s): interactive requests then get no earlier cut of a "
+            f"batch model's residency than any request; keep it below max_wait"]

@@ -9,6 +9,7 @@ from warmpool.config.placeholders import used
 from warmpool.config.values import parse_size
 
 BackendKind = Literal["ollama", "llamacpp", "command", "openai"]
+Priority = Literal["interactive", "batch"]  # a request's class: X-Warmpool-Priority, else its phase's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,15 @@ class SchedulerConfig:
     max_queue: int = 256  # waiting requests per pool before 503 + Retry-After
     queue_timeout: float = 600.0  # seconds a request may wait for its model (→ 504)
     max_wait: float = 30.0  # after this, the oldest waiter is served even if it costs a swap
-    min_residency: float = 0.0  # seconds a loaded model stays before it may be evicted
+    # At most this long after its load, a model is kept while keeping it saves work (requests for it
+    # queued, or one expected sooner than a swap back would cost); never as a fixed hold.
+    min_residency: float = 0.0
+    load_ahead: bool = True  # load the next model before the current one goes, where the budget has room
+    prefetch: bool = True  # learn each session's phase order and prepare the likely next model
+    prefetch_threshold: float = 0.6  # share of a step's observed successors a prediction needs
+    interactive_max_wait: float = 5.0  # after this, an interactive waiter cuts a batch model's residency short
+    default_priority: Priority = "interactive"
+    priorities: dict[str, Priority] = field(default_factory=dict)  # phase -> its requests' default class
 
 
 @dataclass(frozen=True, slots=True)

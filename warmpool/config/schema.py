@@ -145,6 +145,14 @@ _KINDS = ("ollama", "llamacpp", "command", "openai")
 _LLAMACPP = ("llamacpp",)
 _MANAGED = ("llamacpp", "command")  # kinds whose server processes warmpool starts and stops
 
+_PRIORITY = _choice("interactive", "batch")
+
+
+def _priority_map(value: Any) -> dict[str, str]:
+    """`scheduler.priorities`: phase name -> interactive | batch."""
+    return {phase: _PRIORITY(priority) for phase, priority in _mapping(value).items()}
+
+
 _TOP: dict[str, Parser] = {
     "listen": _listen, "max_body_size": _nonzero(parse_size),
     "default_phase": _nullable(_str), "preload": _name_list, "loading_feedback": _bool,
@@ -161,8 +169,11 @@ _SECTIONS: dict[str, tuple[type, dict[str, Parser]]] = {
         "ollama_models": _nullable(_path), "models_dirs": _path_list, "hf_cache": _nullable(_path)}),
     "balancer": (BalancerConfig, {"agent_port": _nullable(_port), "agent_host": _str,
                                   "drain_delay": _nullable(parse_duration)}),
-    "scheduler": (SchedulerConfig, {"max_queue": _int(1), "queue_timeout": _timeout,
-                                    "max_wait": parse_duration, "min_residency": parse_duration}),
+    "scheduler": (SchedulerConfig, {
+        "max_queue": _int(1), "queue_timeout": _timeout, "max_wait": parse_duration,
+        "min_residency": parse_duration, "load_ahead": _bool, "prefetch": _bool,
+        "prefetch_threshold": _fraction, "interactive_max_wait": parse_duration,
+        "default_priority": _PRIORITY, "priorities": _priority_map}),
 }
 _NESTED = (*_SECTIONS, "backends", "models", "phases")
 
@@ -216,6 +227,8 @@ def _build(tree: dict[str, Any], ck: _Checker, source: str) -> Config:
     models = _models(ck, tree.get("models"), {name: b.kind if b else None for name, b in backends.items()})
     phases = _phases(ck, tree.get("phases"), models)
     _check_references(ck, top, models, phases)
+    for phase in sections["scheduler"].priorities:
+        ck.known(f"scheduler.priorities.{phase}", "phase", phase, phases)
     _check_idle_defaults(ck, backends, models)
     if "listen" in top:
         top["listen_host"], top["listen_port"] = top.pop("listen")

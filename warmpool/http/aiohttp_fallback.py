@@ -27,6 +27,7 @@ class AiohttpIncoming:
         self.headers: HeaderLookup = request.headers
         self.raw_headers = request.raw_headers
         self.content_length = request.content_length
+        self.peer = request.remote or ""
         self.limit = limit
 
     async def read(self) -> bytes:

@@ -38,6 +38,10 @@ class Incoming(Protocol):
     def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
     @property
     def content_length(self) -> int | None: ...
+    @property
+    def peer(self) -> str:
+        """The client's address (its host, without the port); "" when not known."""
+        ...
 
     async def read(self) -> bytes:
         """The whole body; raises PayloadTooLarge above the configured limit."""

@@ -114,9 +114,10 @@ def _repeats_framing(raw: list[tuple[bytes, bytes]]) -> bool:
 class Request:
     """`exchange.Incoming` for a request the front door read whole."""
 
-    __slots__ = ("body", "content_length", "headers", "method", "path", "query", "raw_headers")
+    __slots__ = ("body", "content_length", "headers", "method", "path", "peer", "query", "raw_headers")
 
-    def __init__(self, head: Head, body: bytes) -> None:
+    def __init__(self, head: Head, body: bytes, peer: str = "") -> None:
+        self.peer = peer
         self.method, self.path, self.query = head.method, head.path, head.query
         self.headers = head.fields
         self.raw_headers = head.raw_headers
@@ -179,6 +180,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
+        self.peer = ""  # the client's host, for the scheduler's sessions
         self.buffer = bytearray()
         self.pending: Head | None = None  # a head whose body is still arriving
         self.exchange: asyncio.Task[None] | None = None
@@ -194,6 +196,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.peer = str((transport.get_extra_info("peername") or ("",))[0])
         self.lane.connections.add(self)
         self._arm_idle_timer()
 
@@ -240,7 +243,7 @@ class Connection(asyncio.Protocol):
         body = bytes(memoryview(self.buffer)[head.size:end])
         del self.buffer[:end]
         reply = SocketReply(self, keep_alive=not head.close)
-        self.exchange = self.loop.create_task(self._run(Request(head, body), reply))
+        self.exchange = self.loop.create_task(self._run(Request(head, body, self.peer), reply))
 
     async def _run(self, request: Request, reply: SocketReply) -> None:
         try:

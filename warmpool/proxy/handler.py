@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmpool.backends.base import Backend, Upstream
-from warmpool.config import Config, ModelConfig
+from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig
 from warmpool.dialects import ollama_from_openai, openai_from_ollama
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
@@ -32,6 +32,9 @@ from warmpool.scheduling.pool import Lease, Scheduler
 log = logging.getLogger("warmpool.access")
 MODEL_HEADER = "X-Warmpool-Model"
 PHASE_HEADER = routing.PHASE_HEADER
+PRIORITY_HEADER = "X-Warmpool-Priority"
+SESSION_HEADER = "X-Warmpool-Session"
+MAX_SESSION = 200  # characters of a session name kept
 # What Ollama calls the capability an endpoint needs, in its "<model>" does not support <verb> answer
 # (server/routes.go: GenerateHandler and ChatHandler check "completion" before loading; /v1/completions
 # and /v1/chat/completions reach those handlers). Embedding endpoints need no capability.
@@ -51,6 +54,7 @@ class Exchange:
     raw: bytes = b""  # the body as the client sent it
     model: ModelConfig | None = None
     phase: str | None = None
+    priority: Priority = "interactive"
     echo: str = ""  # the model name answers carry: the one the client sent
     keep_alive: float | None = None  # the client's keep_alive in seconds (Ollama's native API), if sent
     queue_wait: float = 0.0
@@ -127,9 +131,11 @@ class Proxy:
         requested = routing.body_model(path, ex.body)
         choice = routing.choose_model(self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), requested)
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
+        ex.priority = request_priority(ex.request.headers.get(PRIORITY_HEADER), ex.phase, self.cfg.scheduler)
         ex.echo = naming.echo_name(requested, ex.model)
         if self.metrics is not None:
-            ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect)
+            ex.meters = self.metrics.meters(ex.model.name, ex.model.backend, ex.phase or "", ex.dialect,
+                                            ex.priority)
         backend = self.backends[ex.model.backend]
         if path in routing.MODEL_ADMIN:
             return await self._model_admin(ex, backend)
@@ -161,7 +167,7 @@ class Proxy:
         if preload:
             return await self._load(ex)
         path, body, transform = self._upstream_request(ex, backend)
-        lease = self.scheduler.lease(ex.model.name)
+        lease = self.scheduler.lease(ex.model.name, ex.priority, session_of(ex.request), ex.phase)
         if not lease.try_now():
             if self._wants_feedback(ex):
                 return await self._inference_with_feedback(ex, backend, lease, path, body, transform)
@@ -231,7 +237,7 @@ class Proxy:
         keep_alive when one is sent."""
         assert ex.model is not None
         pool = self.scheduler.pool_of(ex.model.name)
-        async with pool.lease(ex.model.name) as lease:
+        async with pool.lease(ex.model.name, ex.priority) as lease:
             ex.queue_wait = lease.waited
             pool.set_keep_alive(ex.model.name, ex.keep_alive)
         answer = ollama_from_openai.ollama_preload_response(ex.request.path, ex.echo)
@@ -297,6 +303,27 @@ class Proxy:
 
 class MethodNotAllowed(WarmpoolError):
     status = 405
+
+
+def request_priority(header: str | None, phase: str | None, sched: SchedulerConfig) -> Priority:
+    """The request's class: `X-Warmpool-Priority`, else its phase's configured default, else the default."""
+    if header is None:
+        return sched.priorities.get(phase or "", sched.default_priority)
+    value = header.strip().lower()
+    if value == "interactive":
+        return "interactive"
+    if value == "batch":
+        return "batch"
+    raise BadRequest(f"{PRIORITY_HEADER} must be 'interactive' or 'batch', got {header[:40]!r}")
+
+
+def session_of(request: Incoming) -> str | None:
+    """The client session whose phase order the scheduler learns: `X-Warmpool-Session`, else the client's
+    address; None when neither is known."""
+    named = request.headers.get(SESSION_HEADER)
+    if named is not None and named.strip():
+        return "session:" + named.strip()[:MAX_SESSION]
+    return "address:" + request.peer if request.peer else None
 
 
 def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:

@@ -309,6 +309,16 @@ class RamTier:
         warmed = await self._warm_model(name, progress)
         return WarmResult(name, warmed, self.model_residency(name))
 
+    async def prepare(self, name: str) -> int:
+        """The scheduler expects to load `name` soon (the pools' hook): warm its files unless they are in
+        RAM already. Returns the bytes read in; 0 for a model without files or already warm."""
+        if not self.cfg.enabled or not self.files_of(name):
+            return 0
+        await self.measure(self.files_of(name))
+        if self.source_for(name) == "ram":
+            return 0
+        return (await self.warm(name)).bytes_warmed
+
     def _not_warming(self, name: str, plan: WarmthPlan) -> str:
         if name in plan.held:
             return plan.held[name]

@@ -8,8 +8,15 @@ at most one swap. Swaps run as tasks (swaps.py) that unload the victims, then lo
 ends when the model produced a token).
 
 What the pool needs from outside comes in at construction: the backend (which reports models it lost)
-and `PoolHooks` (where a swap's weights come from, and each use of a model: the RAM tier). Its state
-shows in `repr(pool)`, which the in-memory tests assert on.
+and `PoolHooks` (where a swap's weights come from, each use of a model, and warming a model's weights
+ahead of its swap: the RAM tier). Its state shows in `repr(pool)`, which the in-memory tests assert on.
+
+Getting the next model ready: when the plan has decided the next model but must wait (its victims drain
+their last streams), the pool warms that model's weights meanwhile (`PoolHooks.prepare`). The
+`Scheduler` learns each session's phase order (phase_order.py); when a request ends and the session's
+next model is likely, that model's pool warms its weights and, with `load_ahead` and a free slot, the
+plan loads it (reason "prefetch"). The same expectations tell `min_residency` whether keeping a model
+saves a swap back (policy.holds).
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from warmpool.backends.base import Backend
-from warmpool.config import Config, ModelConfig
+from warmpool.config import Config, ModelConfig, Priority
 from warmpool.errors import (
     BackendError,
     BackendUnavailable,
@@ -34,11 +42,14 @@ from warmpool.errors import (
     WarmpoolError,
 )
 from warmpool.metrics import Metrics
-from warmpool.scheduling.policy import ModelState, PoolView, Waiter, plan, victims_for
+from warmpool.scheduling.phase_order import PhaseOrder, Prediction, Settled
+from warmpool.scheduling.policy import ModelState, PoolView, Waiter, held_until, holds, plan, victims_for
 from warmpool.scheduling.swaps import SwapRecord, SwapSteps
 
 log = logging.getLogger("warmpool.scheduler")
 SWAP_HISTORY = 50
+COST_WEIGHT = 0.5  # weight of the newest swap in a model's running swap cost
+PREFETCH_RETRY = 30.0  # seconds before a model whose prefetch load failed is prefetched again
 
 
 class PoolHooks(Protocol):
@@ -52,6 +63,11 @@ class PoolHooks(Protocol):
         """A request on `model` ended."""
         ...
 
+    async def prepare(self, model: str) -> int:
+        """`model` is expected to be loaded soon: warm its weights into RAM if they are not there.
+        Returns the bytes read in."""
+        ...
+
 
 class NoHooks:
     """For a pool without a RAM tier."""
@@ -62,6 +78,9 @@ class NoHooks:
     def record_use(self, model: str) -> None:
         pass
 
+    async def prepare(self, model: str) -> int:
+        return 0
+
 
 class Lease:
     """One request's hold on a model: `lease = pool.lease(model)`, then `try_now()` (granted at once when
@@ -70,11 +89,14 @@ class Lease:
     asynccontextmanager: every proxied request takes one, and the generator form costs several times more.
     """
 
-    __slots__ = ("held", "model", "pool", "use", "waited")
+    __slots__ = ("held", "model", "on_release", "pool", "priority", "use", "waited")
 
-    def __init__(self, pool: Pool, model: str, use: bool = True) -> None:
+    def __init__(self, pool: Pool, model: str, priority: Priority = "interactive",
+                 on_release: Callable[[], None] | None = None, use: bool = True) -> None:
         self.pool = pool
         self.model = model
+        self.priority = priority
+        self.on_release = on_release  # told when the request ends (the phase-order learner)
         self.use = use  # whether it counts as a use of the model (its idle clock, the RAM tier's counts)
         self.held = False
         self.waited = 0.0  # seconds spent in the queue
@@ -84,7 +106,7 @@ class Lease:
 
     def try_now(self) -> bool:
         """Take the lease if that needs no wait; False when `wait` is needed."""
-        self.held = self.pool._admit_now(self.model)
+        self.held = self.pool._admit_now(self.model, self.priority)
         return self.held
 
     async def wait(self, *, every: float = 1.0, tick: Callable[[], Awaitable[object]] | None = None) -> float:
@@ -92,7 +114,7 @@ class Lease:
         `every` seconds while waiting (loading feedback). Whatever ends the wait early (cancellation, the
         queue timeout, a failing tick) leaves the queue, and a grant that came in that same instant is
         handed back, so a request that left never holds a model or causes a load."""
-        self.waited = await self.pool._queue_for(self.model, every, tick)
+        self.waited = await self.pool._queue_for(self.model, self.priority, every, tick)
         self.held = True
         return self.waited
 
@@ -100,7 +122,9 @@ class Lease:
         """Give the lease back (once; later calls do nothing)."""
         if self.held:
             self.held = False
-            self.pool._release(self.model, self.use)
+            if self.on_release is not None:
+                self.on_release()
+            self.pool._release(self.model, self.priority, self.use)
 
     async def __aenter__(self) -> Lease:
         if not self.try_now():
@@ -115,7 +139,8 @@ class Pool:
     """One backend's residency: its models' states, the queue of waiting requests, the running swap."""
 
     def __init__(self, backend: Backend, cfg: Config, metrics: Metrics | None = None,
-                 hooks: PoolHooks | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 hooks: PoolHooks | None = None, clock: Callable[[], float] = time.monotonic,
+                 phase_order: PhaseOrder | None = None) -> None:
         self.backend = backend
         self.name = backend.name
         self.cfg = cfg
@@ -124,6 +149,7 @@ class Pool:
         self.models = {m.name: self._initial_state(m) for m in backend.models.values()}
         self.waiters: dict[int, tuple[Waiter, asyncio.Future[None]]] = {}
         self.draining: set[str] = set()
+        self.batch_held: set[str] = set()  # resident models that take no new batch requests now
         self.unload_requested: set[str] = set()
         self.epoch = 0  # bumped on every residency change, so pollers can tell a stale answer
         self.history: list[SwapRecord] = []
@@ -135,6 +161,10 @@ class Pool:
         self._timer: asyncio.TimerHandle | None = None
         self._change_waits: list[asyncio.Future[None]] = []  # operator unloads waiting for the model to go
         self.hooks: PoolHooks = hooks or NoHooks()
+        self.phase_order = phase_order  # expectations of the next requests (shared by the scheduler's pools)
+        self.warmed_ahead: set[str] = set()  # models warmed for a swap to come, until that swap starts
+        self._warming: set[asyncio.Task[None]] = set()
+        self._prefetch_failed: dict[str, float] = {}  # model -> when it may be prefetched again
         self.steps = SwapSteps(self.name, backend, self.models, self.unload_requested, metrics, clock)
         backend.report_losses_to(self.mark_lost)
 
@@ -150,18 +180,25 @@ class Pool:
 
     # -- leases -------------------------------------------------------------------------------------
 
-    def lease(self, model: str, *, use: bool = True) -> Lease:
+    def lease(self, model: str, priority: Priority = "interactive",
+              on_release: Callable[[], None] | None = None, *, use: bool = True) -> Lease:
         """A lease on `model`, not yet taken: see `Lease`. With `use=False` (warmpool re-arming Ollama's
         keep_alive) its release neither restarts the model's idle time nor counts as a use."""
-        return Lease(self, model, use)
+        return Lease(self, model, priority, on_release, use)
 
-    def _admit_now(self, model: str) -> bool:
+    def _admit_now(self, model: str, priority: Priority) -> bool:
         if self.closed:
             raise ShuttingDown()
-        if self.available(model):
-            self.models[model].inflight += 1
+        if self.available(model) and not (priority == "batch" and model in self.batch_held):
+            self._hold(self.models[model], priority)
             return True
         return False
+
+    @staticmethod
+    def _hold(state: ModelState, priority: Priority) -> None:
+        state.inflight += 1
+        if priority == "interactive":
+            state.interactive += 1
 
     def set_keep_alive(self, model: str, seconds: float | None) -> None:
         """A client's keep_alive, as Ollama takes it: the model's idle expiry from now until it is next
@@ -193,28 +230,34 @@ class Pool:
         return self._blocked_by(model) or f"queued for {model}"
 
     def _blocked_by(self, model: str) -> str | None:
-        """Why no swap to `model` starts yet: a victim still serving requests, or one inside its
-        min_residency (until then, or until the oldest waiter's max_wait, whichever comes first)."""
+        """Why no swap to `model` starts yet: a victim still serving requests, or one its min_residency
+        keeps because a request for it is expected (until then, or until the oldest waiter's max_wait,
+        whichever comes first)."""
         now, view = self.clock(), self.view()
         victims = victims_for(view, model) or []
         busy = [v for v in victims if v.inflight]
         if busy:
             v = busy[0]
             return f"waiting for {v.name}'s {v.inflight} running request{'s' if v.inflight > 1 else ''} to finish"
-        young = [v for v in victims if now - v.loaded_at < v.min_residency]
-        if not young:
+        queued = {w.model for w in view.waiters}
+        held = [v for v in victims if holds(v, now, v.name in queued)]
+        if not held:
             return None
-        v = max(young, key=lambda m: m.loaded_at + m.min_residency)
+        v = max(held, key=lambda m: held_until(m, m.name in queued))
         oldest = min((w.since for w in view.waiters), default=now)
-        left = min(v.loaded_at + v.min_residency, oldest + view.max_wait) - now
-        return f"waiting for {v.name}'s min_residency, {max(0.0, left):.0f} s left"
+        left = min(held_until(v, v.name in queued), oldest + view.max_wait) - now
+        return f"waiting for {v.name}'s min_residency (a request for it is expected), {max(0.0, left):.0f} s left"
 
-    def _release(self, model: str, use: bool = True) -> None:
+    def _release(self, model: str, priority: Priority, use: bool = True) -> None:
         state = self.models[model]
         state.inflight -= 1
+        now = self.clock()
         if use:
-            state.last_used = self.clock()
+            state.last_used = now
             self.hooks.record_use(model)
+        if priority == "interactive":
+            state.interactive -= 1
+            state.interactive_at = now
         # While the model stays busy and nobody waits, a new plan would decide what the last one did.
         if self.backend.managed and (state.inflight == 0 or self.waiters or self.unload_requested):
             self.replan()
@@ -225,12 +268,13 @@ class Pool:
         if not self.closed and not any(m.inflight for m in self.models.values()):
             self.backend.idle()
 
-    async def _queue_for(self, model: str, every: float, tick: Callable[[], Awaitable[object]] | None) -> float:
+    async def _queue_for(self, model: str, priority: Priority, every: float,
+                         tick: Callable[[], Awaitable[object]] | None) -> float:
         if len(self.waiters) >= self.cfg.scheduler.max_queue:
             raise QueueFull(f"pool {self.name!r}: {len(self.waiters)} requests already waiting",
                             retry_after=self._retry_after())
         started = self.clock()
-        waiter = Waiter(next(self._ids), model, started)
+        waiter = Waiter(next(self._ids), model, started, priority)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters[waiter.id] = (waiter, future)
         self.replan()
@@ -238,21 +282,21 @@ class Pool:
             async with asyncio.timeout(self.cfg.scheduler.queue_timeout):
                 await _granted(future, every, tick)
         except TimeoutError:
-            self._return_if_granted(model, future)
+            self._return_if_granted(model, priority, future)
             raise QueueTimeout(f"pool {self.name!r}: model {model!r} was not ready within "
                                f"{self.cfg.scheduler.queue_timeout:g} s") from None
         except BaseException:
-            self._return_if_granted(model, future)
+            self._return_if_granted(model, priority, future)
             raise
         finally:
             if self.waiters.pop(waiter.id, None) is not None:
                 self.replan()  # left the queue (cancelled or timed out): it must cause no load
         return self.clock() - started
 
-    def _return_if_granted(self, model: str, future: asyncio.Future[None]) -> None:
+    def _return_if_granted(self, model: str, priority: Priority, future: asyncio.Future[None]) -> None:
         # Granted in the same instant the client gave up: hand the lease back.
         if future.done() and not future.cancelled() and future.exception() is None:
-            self._release(model)
+            self._release(model, priority)
 
     def _retry_after(self) -> float:
         recent = [r.seconds for r in self.history[-5:] if r.ok]
@@ -267,8 +311,21 @@ class Pool:
             swapping=self.swap_task is not None, max_resident=self.backend.config.max_resident,
             vram_budget=self.backend.config.vram_budget, max_wait=sched.max_wait,
             idle_default=self.backend.config.idle_default, idle_after=self.backend.config.idle_after,
-            unload_requested=self.unload_requested,
+            unload_requested=self.unload_requested, interactive_max_wait=sched.interactive_max_wait,
+            load_ahead=sched.load_ahead, predicted=self._expectations(),
         )
+
+    def _expectations(self) -> tuple[str, ...]:
+        """Set each model's `expected_at` from the open predictions; returns the predicted models that may
+        be loaded ahead, soonest first."""
+        expected = self.phase_order.expected() if self.phase_order is not None else {}
+        for state in self.models.values():
+            state.expected_at = expected.get(state.name)
+        if not expected:
+            return ()
+        now = self.clock()
+        ours = [m for m in expected if m in self.models and self._prefetch_failed.get(m, 0.0) <= now]
+        return tuple(sorted(ours, key=expected.__getitem__))
 
     def replan(self) -> None:
         if self._change_waits:
@@ -279,19 +336,52 @@ class Pool:
             if not state.size:  # a size may become known after start (e.g. Ollama's /api/tags)
                 state.size = self.backend.size_hint(self.backend.models[state.name])
         decision = plan(self.view(), self.clock())
-        self.draining = decision.draining
+        self.draining, self.batch_held = decision.draining, decision.batch_held
         for waiter_id in decision.grant:
             self._grant(waiter_id)
         for waiter_id, reason in decision.fail:
             self._fail(waiter_id, BackendUnavailable(self.name, reason))
         if decision.swaps:
             self._start_swap(decision.evict, decision.load, decision.reason)
+        elif decision.prepare is not None:
+            self._warm_ahead(decision.prepare)  # its victims still drain: read its weights meanwhile
         self._arm_timer(decision.wake_at)
+
+    # -- getting the next model ready ---------------------------------------------------------------
+
+    def expect(self, prediction: Prediction) -> None:
+        """A session is expected to ask for `prediction.model` next: warm its weights, and plan again (a
+        free slot may take it now)."""
+        if not self.backend.managed or self.models[prediction.model].occupies:
+            return
+        self._warm_ahead(prediction.model, prediction)
+        self.replan()
+
+    def _warm_ahead(self, model: str, prediction: Prediction | None = None) -> None:
+        if model in self.warmed_ahead or self.closed:
+            return
+        self.warmed_ahead.add(model)
+        task = asyncio.get_running_loop().create_task(self._warm(model, prediction), name=f"warm:{model}")
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def _warm(self, model: str, prediction: Prediction | None) -> None:
+        try:
+            warmed = await self.hooks.prepare(model)
+        except Exception:  # warming ahead is an optimisation: it must never fail a request
+            log.exception("warming %s ahead of its swap failed", model)
+            return
+        if prediction is not None:
+            prediction.warmed_bytes += warmed
+        if warmed and self.metrics:
+            self.metrics.prefetch_warmed.labels(model).inc(warmed)
+        if warmed:
+            log.info("warmed %s ahead of its swap: %d bytes read into RAM", model, warmed)
 
     def _grant(self, waiter_id: int) -> None:
         waiter, future = self.waiters.pop(waiter_id)
         if not future.done():
-            self.models[waiter.model].inflight += 1
+            self._hold(self.models[waiter.model], waiter.priority)
             future.set_result(None)
 
     def _fail(self, waiter_id: int, error: WarmpoolError) -> None:
@@ -315,6 +405,7 @@ class Pool:
             self.models[name].status = "unloading"
         if load is not None:
             self.models[load].status = "loading"
+            self.warmed_ahead.discard(load)
         self.swap_target = load
         self.swap_task = asyncio.create_task(self._swap(evict, load, reason), name=f"swap:{self.name}")
 
@@ -347,12 +438,18 @@ class Pool:
         log.warning("swap on %s to %s failed: %s", self.name, load, error.message)
         if load is None:
             return
+        if reason == "prefetch":
+            self._prefetch_failed[load] = self.clock() + PREFETCH_RETRY
         self.steps.load_failed(load, reason)
         for waiter_id, (waiter, _) in list(self.waiters.items()):
             if waiter.model == load:
                 self._fail(waiter_id, error)
 
     def _finish_swap(self, record: SwapRecord) -> None:
+        if record.ok and record.model is not None:  # what a swap back to it would cost, for min_residency
+            state = self.models[record.model]
+            cost = state.reload_cost
+            state.reload_cost = record.seconds if not cost else cost + COST_WEIGHT * (record.seconds - cost)
         self.epoch += 1
         self.history = [*self.history[-(SWAP_HISTORY - 1):], record]
         self.steps.finished(record)
@@ -412,10 +509,12 @@ class Pool:
         self.replan()
 
     async def close(self) -> None:
-        """Stop admitting: waiters get 503; a running swap is cancelled."""
+        """Stop admitting: waiters get 503; a running swap and any warming ahead are cancelled."""
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        for task in list(self._warming):
+            task.cancel()
         for waiter_id in list(self.waiters):
             self._fail(waiter_id, ShuttingDown())
         if self.swap_task is not None:
@@ -466,23 +565,74 @@ def _swap_snapshot(r: SwapRecord) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class PrefetchCounts:
+    """The phase-order learner's tallies, for the status API (Prometheus has them by model)."""
+
+    predictions: int = 0
+    hits: int = 0
+    misses: int = 0
+    wasted_bytes: int = 0  # warmed for a prediction that missed
+
+
 class Scheduler:
-    """All pools, by backend name; the proxy asks it for leases by model."""
+    """All pools, by backend name; the proxy asks it for leases by model. It also learns each client
+    session's phase order (`scheduler.prefetch`) and tells the pool of a likely next model."""
 
     def __init__(self, backends: dict[str, Backend], cfg: Config, metrics: Metrics | None = None,
-                 hooks: PoolHooks | None = None) -> None:
+                 hooks: PoolHooks | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
-        self.pools = {name: Pool(b, cfg, metrics, hooks) for name, b in backends.items()}
+        self.metrics = metrics
+        self.clock = clock
+        sched = cfg.scheduler
+        self.phase_order = PhaseOrder(sched.prefetch_threshold) if sched.prefetch else None
+        self.counts = PrefetchCounts()
+        self.pools = {name: Pool(b, cfg, metrics, hooks, clock, self.phase_order) for name, b in backends.items()}
 
     def pool_of(self, model: str) -> Pool:
         return self.pools[self.cfg.models[model].backend]
 
-    def lease(self, model: str) -> Lease:
-        return self.pool_of(model).lease(model)
+    def lease(self, model: str, priority: Priority = "interactive", session: str | None = None,
+              step: str | None = None) -> Lease:
+        """A lease on `model` for a request of `priority`; with a `session` (and the request's `step`: its
+        phase, else the model), the request also teaches the phase-order learner."""
+        pool = self.pool_of(model)
+        if self.phase_order is None or session is None:
+            return pool.lease(model, priority)
+        settled = self.phase_order.arrived(session, step or model, model, self.clock())
+        if settled is not None:
+            self._settle(settled)
+        return pool.lease(model, priority, on_release=lambda: self._finished(session))
+
+    def _finished(self, session: str) -> None:
+        assert self.phase_order is not None
+        now = self.clock()
+        for stale in self.phase_order.expire(now):
+            self._settle(Settled(stale, hit=False))
+        prediction = self.phase_order.finished(session, now)
+        if prediction is None:
+            return
+        self.counts.predictions += 1
+        if self.metrics:
+            self.metrics.predictions.labels(prediction.model).inc()
+        self.pool_of(prediction.model).expect(prediction)
+
+    def _settle(self, settled: Settled) -> None:
+        model = settled.prediction.model
+        if settled.hit:
+            self.counts.hits += 1
+            if self.metrics:
+                self.metrics.prediction_hits.labels(model).inc()
+            return
+        self.counts.misses += 1
+        self.counts.wasted_bytes += settled.prediction.warmed_bytes
+        if self.metrics and settled.prediction.warmed_bytes:
+            self.metrics.prefetch_wasted.labels(model).inc(settled.prediction.warmed_bytes)
 
     async def close(self) -> None:
         for pool in self.pools.values():
             await pool.close()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"pools": [p.snapshot() for p in self.pools.values()]}
+        prefetch = {"enabled": self.phase_order is not None, **asdict(self.counts)}
+        return {"pools": [p.snapshot() for p in self.pools.values()], "prefetch": prefetch}
