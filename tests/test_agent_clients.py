@@ -405,8 +405,10 @@ async def test_phase_by_header_or_by_model_name(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http, http.get(stack.url + "/metrics") as r:
         metrics = await r.text()
     # counted like every other request, under the client's dialect
-    assert 'warmpool_requests_total{dialect="anthropic",model="tooled",phase="planning",status="200"} 1.0' in metrics
-    assert 'warmpool_requests_total{dialect="openai",model="plain",phase="execution",status="200"} 1.0' in metrics
+    assert ('warmpool_requests_total{dialect="anthropic",model="tooled",phase="planning",priority="interactive",'
+            'status="200"} 1.0') in metrics
+    assert ('warmpool_requests_total{dialect="openai",model="plain",phase="execution",priority="interactive",'
+            'status="200"} 1.0') in metrics
 
 
 async def test_count_tokens_on_ollama_is_an_estimate_without_an_upstream_request(stack: Stack) -> None:

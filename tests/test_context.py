@@ -15,8 +15,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import llama_models, running_warmpool
+from tests.test_grafana import readme_metric_names
 from warmpool.backends._llamacpp_context import ContextStore, Tier, fingerprint
 from warmpool.backends.llamacpp_slot import Slot
 from warmpool.config import BackendConfig, LlamaCppModel, ModelConfig
@@ -193,7 +195,15 @@ async def test_an_answer_after_a_restore_is_the_answer_with_the_context_recomput
         restored = await phase_round_trip(url)
         async with aiohttp.ClientSession() as session:
             planner = (await context_status(session, url))["models"]["planner"]
+            async with session.get(url + "/metrics") as r:
+                families = {f.name: f for f in text_string_to_metric_families(await r.text())}
     assert planner["saves"] >= 1 and planner["restores"] == 1 and planner["reused_tokens"] > 250
+    # /metrics shows the same, under the names the README's metrics reference documents.
+    exported = {name for name in families if name.startswith("warmpool_context_")}
+    assert exported == {n.removesuffix("_total") for n in readme_metric_names() if n.startswith("warmpool_context_")}
+    restores = {s.labels["model"]: s.value for s in families["warmpool_context_restores"].samples
+                if s.name.endswith("_total")}
+    assert restores["planner"] == 1.0
     async with running_warmpool(config(gguf_path, context_budget=0)) as url:
         recomputed = await phase_round_trip(url)
         async with aiohttp.ClientSession() as session:
