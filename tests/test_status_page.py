@@ -64,6 +64,7 @@ async def test_status_page_shows_pools_tiers_and_swaps(tmp_path: Path) -> None:
     assert '<tr data-model="alpha"><td>alpha</td><td>ol</td><td><span class="pill warm">warm</span>' in dom
     assert '<span class="pill resident">resident</span>' in dom
     assert "demand" in dom and "alpha" in dom  # the swap table lists the swaps and their reasons
+    assert '<td colspan="3" class="muted">no phases configured: clients name the model</td>' in dom
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
