@@ -66,6 +66,8 @@ async def test_messages_create_and_stream(claude: anthropic.AsyncAnthropic) -> N
         final = await stream.get_final_message()
     assert texts and "".join(texts) == final.content[0].text
     assert final.stop_reason in ("end_turn", "max_tokens")
+    # the worker gives a stream's last chunk a usage, so a streamed answer counts its prompt too
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
 
 
 @pytest.mark.parametrize("streamed", [False, True])
