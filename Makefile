@@ -15,12 +15,12 @@ export CMAKE_ARGS
 # nginx (its configuration check), and cmake and g++ (to build llama-server).
 SYSTEM_TOOLS := chromium prometheus openssl haproxy nginx cmake g++
 
-.PHONY: serve test lint bench clean system-deps llama-server
+.PHONY: serve test lint bench clean system-deps llama-server aider
 
 serve: $(VENV)/.installed-serve
 	$(BIN)/warmpool serve $(ARGS)
 
-test: $(VENV)/.installed-dev system-deps llama-server
+test: $(VENV)/.installed-dev system-deps llama-server aider
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # llama.cpp's llama-server for the `kind: command` tests, built once from the sources the llama-cpp-python
@@ -28,6 +28,13 @@ test: $(VENV)/.installed-dev system-deps llama-server
 # not be had: the tests that need it then skip, saying why.
 llama-server: $(VENV)/.installed-dev system-deps
 	$(BIN)/python tests/build_llama_server.py || [ $$? -eq 2 ]
+
+# Aider (PyPI's aider-chat) for tests/test_recipe_aider.py, which runs the README's Aider recipe for real:
+# installed once in a virtualenv of its own (it pins its own litellm, openai, pydantic and numpy) and cached
+# under ~/.cache/warmpool (about a minute the first time). Exit 2 means it cannot be had (no Python 3.10 to
+# 3.12, PyPI out of reach): the test then skips, saying why.
+aider: $(VENV)/.installed-dev
+	$(BIN)/python tests/install_aider.py || [ $$? -eq 2 ]
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check warmpool tests benchmarks
