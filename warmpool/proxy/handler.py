@@ -18,7 +18,7 @@ from typing import Any
 
 from warmpool.backends.base import Backend, Upstream
 from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig
-from warmpool.dialects import ollama_from_openai, openai_from_ollama
+from warmpool.dialects import ollama_from_openai, openai_from_ollama, strictjson
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
@@ -26,7 +26,7 @@ from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Repl
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
 from warmpool.proxy import feedback, keepalive, listings, naming, relay, routing, tokens, translate
-from warmpool.proxy.rawbody import plain_utf8, upstream_body
+from warmpool.proxy.rawbody import upstream_body
 from warmpool.scheduling.pool import Lease, Scheduler
 
 log = logging.getLogger("warmpool.access")
@@ -101,6 +101,11 @@ class Proxy:
             await self._fail(ex, error, ex.tags())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client left; nothing to answer
+        except RecursionError:
+            # A body nested just shallower than strictjson's parse admits still breaks the steps that
+            # re-serialise or translate it: the client's doing, so a 400 (logged, in case it was not).
+            log.warning("%s %s: nesting too deep", ex.request.method, ex.request.path, exc_info=True)
+            await self._fail(ex, BadRequest(strictjson.TOO_DEEP), ex.tags())
         except Exception as exc:  # a bug must cost one request, never the proxy
             log.exception("internal error on %s %s", ex.request.method, ex.request.path)
             await self._fail(ex, WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), [])
@@ -125,7 +130,7 @@ class Proxy:
         if path in routing.LISTINGS or routing.is_model_entry(path):
             return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
         ex.raw = await ex.request.read()
-        ex.body = parse_json(ex.raw)
+        ex.body = strictjson.loads_object(ex.raw)
         if ex.dialect == "ollama" and path in keepalive.ENDPOINTS:
             ex.keep_alive = keepalive.parse_keep_alive(ex.body.get("keep_alive"))  # Ollama binds it first
         requested = routing.body_model(path, ex.body)
@@ -330,19 +335,6 @@ def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
     """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
     if keys and not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
         raise Unauthorized("missing or invalid API key")
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    if not raw or raw.isspace():
-        raise BadRequest("missing request body")
-    try:
-        # Decoded here when it is plain UTF-8: json.loads would first guess the encoding of bytes.
-        data = json.loads(raw.decode() if plain_utf8(raw) else raw)
-    except ValueError as exc:
-        raise BadRequest(f"invalid JSON in request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
 
 
 def error_answer(error: WarmpoolError, dialect: Dialect) -> Answer:

@@ -1,0 +1,155 @@
+"""Hostile input from clients (issue 14): bodies no parser should take. warmpool runs in-process in front of
+the Ollama emulator; every request is raw bytes on a loopback socket, so what is checked is what a client
+gets on the wire, whichever code inside warmpool frames the request.
+
+Each request goes twice where framing matters: with Content-Length and chunked (a server may take the two
+down different paths; before issue 14 they reached different HTTP servers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import running_warmpool
+from tests.ollama_emulator import EmulatedModel, OllamaEmulator
+
+pytestmark = pytest.mark.timeout(120)
+
+FRAMINGS = ["length", "chunked"]
+ANTHROPIC_VERSION = [(b"anthropic-version", b"2023-06-01")]
+
+
+# -- a client that sends exactly the bytes it is given ---------------------------------------------------
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def send(url: str, method: str, path: str, body: bytes = b"", *, framing: str = "length",
+               headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
+    """One request on its own connection (`Connection: close`), its answer read to the end."""
+    where = urlsplit(url)
+    assert where.hostname and where.port
+    reader, writer = await asyncio.open_connection(where.hostname, where.port)
+    head = [f"{method} {path} HTTP/1.1".encode(), f"Host: {where.netloc}".encode(), b"Connection: close"]
+    if body or method in ("POST", "DELETE"):
+        head.append(b"Content-Type: application/json")
+        head.append(b"Transfer-Encoding: chunked" if framing == "chunked" else b"Content-Length: %d" % len(body))
+    head += [name + b": " + value for name, value in headers or []]
+    payload = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if framing == "chunked" and body else body
+    if framing == "chunked" and not body and method in ("POST", "DELETE"):
+        payload = b"0\r\n\r\n"
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + payload)
+    try:
+        raw = await asyncio.wait_for(reader.read(-1), 30)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return parse_answer(raw)
+
+
+def parse_answer(raw: bytes) -> Answer:
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        body = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            body, rest = body + rest[:size], rest[size + 2:]
+    else:
+        body = rest[: int(headers[b"content-length"])] if b"content-length" in headers else rest
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+def dialect_error(answer: Answer, dialect: str) -> str:
+    """The error message, after checking the body has the dialect's error shape."""
+    data = answer.json()
+    if dialect == "ollama":
+        assert set(data) == {"error"} and isinstance(data["error"], str), data
+        return str(data["error"])
+    if dialect == "openai":
+        assert set(data["error"]) >= {"message", "type"}, data
+        assert data["error"]["type"] == {400: "invalid_request_error", 401: "authentication_error",
+                                         403: "permission_error"}[answer.status]
+        return str(data["error"]["message"])
+    assert data["type"] == "error" and set(data["error"]) == {"type", "message"}, data
+    return str(data["error"]["message"])
+
+
+# -- warmpool in front of the emulator ------------------------------------------------------------------
+
+@pytest.fixture
+async def emu() -> AsyncIterator[OllamaEmulator]:
+    emulator = OllamaEmulator([EmulatedModel("alpha", size=100_000_000), EmulatedModel("beta", size=100_000_000)],
+                              load_seconds_per_gb=0.1, token_delay=0.001)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+def config(url: str, **extra: Any) -> dict[str, Any]:
+    # "tuned" carries load-time options, so an OpenAI request for it is translated to Ollama's native API.
+    return {"backends": {"ol": {"kind": "ollama", "url": url, "max_resident": 1}},
+            "models": {"m1": {"backend": "ol", "upstream_name": "alpha"},
+                       "tuned": {"backend": "ol", "upstream_name": "beta", "options": {"num_ctx": 512}}},
+            **extra}
+
+
+def received(emu: OllamaEmulator, path: str) -> list[dict[str, Any]]:
+    return [e["body"] for e in emu.events if e["event"] == "request" and e["path"] == path]
+
+
+# Where each dialect's client sends a body; `%s` is where the hostile value goes.
+DIALECT_REQUESTS = [
+    ("ollama", "/api/generate", '{"model": "m1", "prompt": "hi", "stream": false, "x": %s}'),
+    ("ollama", "/api/chat", '{"model": "m1", "messages": [{"role": "user", "content": "hi"}], "stream": false,'
+                            ' "x": %s}'),
+    ("openai", "/v1/chat/completions", '{"model": "tuned", "messages": [{"role": "user", "content": "hi"}],'
+                                       ' "x": %s}'),
+    ("anthropic", "/v1/messages", '{"model": "m1", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],'
+                                  ' "metadata": %s}'),
+]
+
+
+# -- defect 4: deep nesting is a 400 in the client's dialect, never a 500 --------------------------------
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_deep_json_nesting_is_a_400_in_the_clients_dialect(emu: OllamaEmulator, framing: str) -> None:
+    async with running_warmpool(config(emu.url)) as url:
+        # 5000 levels: past what Python's parser can take. 980: parsed, but too deep to serialise again.
+        for depth in (5000, 980):
+            nested = "[" * depth + "]" * depth
+            for dialect, path, template in DIALECT_REQUESTS:
+                answer = await send(url, "POST", path, (template % nested).encode(), framing=framing,
+                                    headers=ANTHROPIC_VERSION)
+                assert answer.status == 400, (depth, path, answer)
+                assert "nested too deeply" in dialect_error(answer, dialect)
+        # The exact body of the report.
+        body = b'{"model":"m1","x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+        answer = await send(url, "POST", "/api/generate", body, framing=framing)
+        assert answer.status == 400 and "nested too deeply" in dialect_error(answer, "ollama")
+        # Nesting a client may mean is still served.
+        ok = DIALECT_REQUESTS[0][2] % ("[" * 100 + "]" * 100)
+        assert (await send(url, "POST", "/api/generate", ok.encode(), framing=framing)).status == 200
