@@ -1,6 +1,6 @@
-"""Hostile input from clients (issue 14): bodies no parser should take. warmpool runs in-process in front of
-the Ollama emulator; every request is raw bytes on a loopback socket, so what is checked is what a client
-gets on the wire, whichever code inside warmpool frames the request.
+"""Hostile input from clients (issue 14): bodies no parser should take (deep nesting, NaN, Infinity). warmpool
+runs in-process in front of the Ollama emulator; every request is raw bytes on a loopback socket, so what is
+checked is what a client gets on the wire, whichever code inside warmpool frames the request.
 
 Each request goes twice where framing matters: with Content-Length and chunked (a server may take the two
 down different paths; before issue 14 they reached different HTTP servers).
@@ -153,3 +153,23 @@ async def test_deep_json_nesting_is_a_400_in_the_clients_dialect(emu: OllamaEmul
         # Nesting a client may mean is still served.
         ok = DIALECT_REQUESTS[0][2] % ("[" * 100 + "]" * 100)
         assert (await send(url, "POST", "/api/generate", ok.encode(), framing=framing)).status == 200
+
+
+# -- defect 10: NaN and Infinity are not JSON ------------------------------------------------------------
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_nan_and_infinity_are_a_400_in_the_clients_dialect(emu: OllamaEmulator, framing: str) -> None:
+    async with running_warmpool(config(emu.url)) as url:
+        for value in ("NaN", "Infinity", "-Infinity", "1e400", '{"temperature": NaN}'):
+            for dialect, path, template in DIALECT_REQUESTS:
+                answer = await send(url, "POST", path, (template % value).encode(), framing=framing,
+                                    headers=ANTHROPIC_VERSION)
+                assert answer.status == 400, (value, path, answer)
+                assert "invalid JSON" in dialect_error(answer, dialect)
+        # JSON text inside the body (OpenAI's tool-call arguments) is held to the same rule.
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": NaN}'}}
+        body = {"model": "tuned", "messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": None, "tool_calls": [call]}]}
+        answer = await send(url, "POST", "/v1/chat/completions", json.dumps(body).encode(), framing=framing)
+        assert answer.status == 400 and "arguments" in dialect_error(answer, "openai")
+    assert not any("NaN" in json.dumps(b) or "Infinity" in json.dumps(b) for b in received(emu, "/api/chat"))

@@ -50,6 +50,6 @@ def parse_arguments(arguments: Any) -> JSON:
         return {}
     try:
         parsed = strictjson.loads(arguments)
-    except BadRequest:  # not JSON, or nested too deeply: kept as the text it is
+    except BadRequest:  # not JSON, NaN, nested too deeply: kept as the text it is
         parsed = None
     return parsed if isinstance(parsed, dict) else {"arguments": arguments}

@@ -1,19 +1,34 @@
 """The one way warmpool reads JSON a client sent (request bodies, and JSON text inside them such as OpenAI's
-tool-call arguments) or a model wrote (tool-call arguments in an answer): JSON, or
+tool-call arguments) or a model wrote (tool-call arguments in an answer): strict RFC 8259 JSON, or
 `BadRequest`, which the proxy renders as a 400 in the client's dialect. Pure: no I/O.
 
-Deep nesting makes Python's json module raise RecursionError, not ValueError: caught here too.
+Python's json module is lenient where a proxy must not be: it takes NaN, Infinity and -Infinity (and turns
+1e400 into an infinity), which no other JSON parser accepts, so forwarding them would break the upstream
+or come back as an answer the client cannot read; and deep nesting raises RecursionError, not ValueError.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from warmpool.errors import BadRequest
 
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 TOO_DEEP = "invalid JSON in request body: nested too deeply"
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def loads(text: str | bytes) -> Any:
@@ -25,7 +40,7 @@ def loads(text: str | bytes) -> Any:
         return _DECODER.decode(text)
     except RecursionError:
         raise BadRequest(TOO_DEEP) from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and the two rejections above
         raise BadRequest(f"invalid JSON in request body: {exc}") from None
 
 
