@@ -1,6 +1,7 @@
-"""Hostile input from clients (issue 14): bodies no parser should take (deep nesting, NaN, Infinity). warmpool
-runs in-process in front of the Ollama emulator; every request is raw bytes on a loopback socket, so what is
-checked is what a client gets on the wire, whichever code inside warmpool frames the request.
+"""Hostile input from clients (issue 14): bodies no parser should take (deep nesting, NaN, Infinity) and keys
+that are not UTF-8. warmpool runs in-process in front of the Ollama emulator; every request is raw bytes on
+a loopback socket, so what is checked is what a client gets on the wire, whichever code inside warmpool
+frames the request.
 
 Each request goes twice where framing matters: with Content-Length and chunked (a server may take the two
 down different paths; before issue 14 they reached different HTTP servers).
@@ -173,3 +174,31 @@ async def test_nan_and_infinity_are_a_400_in_the_clients_dialect(emu: OllamaEmul
         answer = await send(url, "POST", "/v1/chat/completions", json.dumps(body).encode(), framing=framing)
         assert answer.status == 400 and "arguments" in dialect_error(answer, "openai")
     assert not any("NaN" in json.dumps(b) or "Infinity" in json.dumps(b) for b in received(emu, "/api/chat"))
+
+
+# -- defect 5: a key that is not UTF-8 is a wrong key (401), on every lane and admin endpoint -------------
+
+ADMIN_ENDPOINTS = [("GET", "/warmpool/status"), ("GET", "/warmpool/models"), ("GET", "/warmpool/residency"),
+                   ("POST", "/warmpool/models/m1/load"), ("POST", "/warmpool/models/m1/unload"),
+                   ("POST", "/warmpool/models/m1/warm"), ("POST", "/warmpool/models/m1/evict")]
+NOT_UTF8 = [(b"Authorization", b"Bearer caf\xe9"), (b"X-Api-Key", b"caf\xe9"),
+            (b"Authorization", b"Bearer \xff\xfe\x80")]
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_a_key_that_is_not_utf8_is_a_401(emu: OllamaEmulator, framing: str) -> None:
+    async with running_warmpool(config(emu.url, auth={"api_keys": ["café"], "admin_keys": ["adm"]})) as url:
+        generate = b'{"model": "m1", "prompt": "hi", "stream": false}'
+        chat = b'{"model": "m1", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}'
+        for header in NOT_UTF8:
+            answer = await send(url, "POST", "/api/generate", generate, framing=framing, headers=[header])
+            assert answer.status == 401 and dialect_error(answer, "ollama") == "missing or invalid API key"
+            answer = await send(url, "POST", "/v1/messages", chat, framing=framing, headers=[header])
+            assert answer.status == 401 and dialect_error(answer, "anthropic") == "missing or invalid API key"
+            for method, path in ADMIN_ENDPOINTS:
+                answer = await send(url, method, path, framing=framing, headers=[header])
+                assert answer.status == 401, (header, path, answer)
+        # The configured key, sent as its UTF-8 bytes (what a client that sends UTF-8 sends), is accepted.
+        answer = await send(url, "POST", "/api/generate", generate, framing=framing,
+                            headers=[(b"Authorization", "Bearer café".encode())])
+        assert answer.status == 200, answer

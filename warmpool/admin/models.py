@@ -63,7 +63,7 @@ def known_model(request: web.Request, cfg: Config) -> str:
 
 
 def require_admin(request: web.Request, keys: list[bytes]) -> None:
-    if not auth.accepted(auth.bearer(request.headers), keys):
+    if not auth.accepted(auth.presented_key(request.raw_headers), keys):
         raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
                                    headers={"WWW-Authenticate": "Bearer"})
 

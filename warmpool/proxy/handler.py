@@ -22,7 +22,7 @@ from warmpool.dialects import ollama_from_openai, openai_from_ollama, strictjson
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
 from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
-from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
+from warmpool.http.exchange import Answer, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
 from warmpool.proxy import feedback, keepalive, listings, naming, relay, routing, tokens, translate
@@ -126,7 +126,7 @@ class Proxy:
             raise ModelNotFound(f"{method} {path}: no such endpoint")  # 404 in the client's dialect
         if method not in routing.allowed_methods(path):
             raise MethodNotAllowed(f"{method} not allowed on {path}")
-        check_api_key(ex.request.headers, self.api_keys)
+        check_api_key(ex.request, self.api_keys)
         if path in routing.LISTINGS or routing.is_model_entry(path):
             return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
         ex.raw = await ex.request.read()
@@ -331,9 +331,9 @@ def session_of(request: Incoming) -> str | None:
     return "address:" + request.peer if request.peer else None
 
 
-def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
+def check_api_key(request: Incoming, keys: list[bytes]) -> None:
     """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
-    if keys and not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
+    if keys and not auth.matches(auth.presented_key(request.raw_headers, x_api_key=True), keys):
         raise Unauthorized("missing or invalid API key")
 
 
