@@ -1,7 +1,7 @@
-"""Hostile input from clients (issue 14): bodies no parser should take (deep nesting, NaN, Infinity) and keys
-that are not UTF-8. warmpool runs in-process in front of the Ollama emulator; every request is raw bytes on
-a loopback socket, so what is checked is what a client gets on the wire, whichever code inside warmpool
-frames the request.
+"""Hostile input from clients (issue 14): bodies no parser should take (deep nesting, NaN, Infinity), keys that
+are not UTF-8, and model names that shadow each other. warmpool runs in-process in front of the Ollama
+emulator; every request is raw bytes on a loopback socket, so what is checked is what a client gets on the
+wire, whichever code inside warmpool frames the request.
 
 Each request goes twice where framing matters: with Content-Length and chunked (a server may take the two
 down different paths; before issue 14 they reached different HTTP servers).
@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
-from tests.conftest import running_warmpool
+from tests.conftest import REPO, running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator
+from warmpool.config import config_from_mapping, config_warnings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -202,3 +206,64 @@ async def test_a_key_that_is_not_utf8_is_a_401(emu: OllamaEmulator, framing: str
         answer = await send(url, "POST", "/api/generate", generate, framing=framing,
                             headers=[(b"Authorization", "Bearer café".encode())])
         assert answer.status == 200, answer
+
+
+# -- defect 6: a configured name always wins over another model's upstream name --------------------------
+
+@pytest.fixture
+async def second_emu() -> AsyncIterator[OllamaEmulator]:
+    emulator = OllamaEmulator([EmulatedModel("coder", size=100_000_000)], load_seconds_per_gb=0.1,
+                              token_delay=0.001)
+    await emulator.start()
+    yield emulator
+    await emulator.stop()
+
+
+def clashing(url_a: str, url_b: str, *, remote_first: bool = False) -> dict[str, Any]:
+    """`coder` on backend a (upstream "alpha"), and `remote` on backend b whose upstream name is "coder"
+    (in the order of the report, or the other way round: the order must not matter)."""
+    models = {"coder": {"backend": "a", "upstream_name": "alpha"}, "remote": {"backend": "b", "upstream_name": "coder"}}
+    if remote_first:
+        models = dict(reversed(models.items()))
+    return {"backends": {"a": {"kind": "ollama", "url": url_a}, "b": {"kind": "ollama", "url": url_b}},
+            "models": models}
+
+
+@pytest.mark.parametrize("remote_first", [False, True])
+async def test_a_configured_name_wins_over_another_models_upstream_name(
+        emu: OllamaEmulator, second_emu: OllamaEmulator, remote_first: bool) -> None:
+    async with running_warmpool(clashing(emu.url, second_emu.url, remote_first=remote_first)) as url:
+        for name in ("coder", "coder:latest"):
+            body = json.dumps({"model": name, "prompt": "hi", "stream": False}).encode()
+            answer = await send(url, "POST", "/api/generate", body)
+            assert answer.status == 200 and answer.headers[b"x-warmpool-model"] == b"coder", (name, answer)
+            assert answer.json()["model"] == name
+        answer = await send(url, "POST", "/api/generate", b'{"model": "remote", "prompt": "hi", "stream": false}')
+        assert answer.status == 200 and answer.headers[b"x-warmpool-model"] == b"remote"
+        tags = (await send(url, "GET", "/api/tags")).json()["models"]
+        assert sorted(t["name"] for t in tags) == ["alpha:latest", "coder:latest", "remote:latest"]
+    prompted = [[b["model"] for b in received(e, "/api/generate") if b.get("prompt")] for e in (emu, second_emu)]
+    assert prompted == [["alpha", "alpha"], ["coder"]]  # (warmpool's own loads carry no prompt)
+
+
+CLASH_WARNING = ("models.remote.upstream_name: 'coder' is the configured name of model 'coder', so a request "
+                 "for 'coder' goes to 'coder', never to 'remote' (ask for 'remote')")
+
+
+async def test_check_config_reports_the_name_clash(tmp_path: Path) -> None:
+    cfg = clashing("http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert config_warnings(config_from_mapping(cfg, env={})) == [CLASH_WARNING]
+    other_way = clashing("http://127.0.0.1:1", "http://127.0.0.1:2", remote_first=True)
+    assert config_warnings(config_from_mapping(other_way, env={})) == [CLASH_WARNING]
+    path = tmp_path / "clash.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "warmpool", "check-config", str(path), cwd=REPO,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0 and f"warmpool: warning: {CLASH_WARNING}" in err.decode()
+    # Two models with the same upstream name on different backends: the first configured gets the name.
+    twins = {"backends": cfg["backends"], "models": {"one": {"backend": "a", "upstream_name": "llama3"},
+                                                     "two": {"backend": "b", "upstream_name": "llama3:latest"}}}
+    assert config_warnings(config_from_mapping(twins, env={})) == [
+        "models.two.upstream_name: 'llama3:latest' is also the upstream name of model 'one', so a request for "
+        "'llama3:latest' goes to 'one', never to 'two' (ask for 'two')"]
