@@ -1,7 +1,7 @@
-"""Hostile input from clients (issue 14): bodies no parser should take (deep nesting, NaN, Infinity), keys that
-are not UTF-8, and model names that shadow each other. warmpool runs in-process in front of the Ollama
-emulator; every request is raw bytes on a loopback socket, so what is checked is what a client gets on the
-wire, whichever code inside warmpool frames the request.
+"""Hostile input from clients (issue 14): bodies no parser should take, keys that are not UTF-8, model names
+that shadow each other, and admin-grade actions under the wrong key. warmpool runs in-process in front of
+the Ollama emulator; every request is raw bytes on a loopback socket, so what is checked is what a client
+gets on the wire, whichever code inside warmpool frames the request.
 
 Each request goes twice where framing matters: with Content-Length and chunked (a server may take the two
 down different paths; before issue 14 they reached different HTTP servers).
@@ -267,3 +267,67 @@ async def test_check_config_reports_the_name_clash(tmp_path: Path) -> None:
     assert config_warnings(config_from_mapping(twins, env={})) == [
         "models.two.upstream_name: 'llama3:latest' is also the upstream name of model 'one', so a request for "
         "'llama3:latest' goes to 'one', never to 'two' (ask for 'two')"]
+
+
+# -- defect 10: model management needs the admin key when one is set -----------------------------------
+
+MANAGEMENT = [("DELETE", "/api/delete", b'{"model": "m1"}'),
+              ("POST", "/api/pull", b'{"model": "m1", "stream": false}'),
+              ("POST", "/api/copy", b'{"source": "m1", "destination": "m1-copy"}'),
+              ("POST", "/api/generate", b'{"model": "m1", "keep_alive": 0}')]  # Ollama's unload
+
+
+def bearer(key: str) -> list[tuple[bytes, bytes]]:
+    return [(b"Authorization", b"Bearer " + key.encode())]
+
+
+def store_changes(emu: OllamaEmulator) -> list[str]:
+    return [e["path"] for e in emu.events if e["event"] == "request" and e["path"] in ("/api/delete", "/api/pull",
+                                                                                        "/api/copy")]
+
+
+async def test_model_management_needs_the_admin_key_when_only_admin_keys_are_set(emu: OllamaEmulator) -> None:
+    async with running_warmpool(config(emu.url, auth={"admin_keys": ["adm"]})) as url:
+        await send(url, "POST", "/api/generate", b'{"model": "m1"}')  # loaded (inference needs no key here)
+        assert "alpha:latest" in emu.loaded()
+        for method, path, body in MANAGEMENT:
+            for headers in ([], bearer("wrong")):
+                answer = await send(url, method, path, body, headers=headers)
+                assert answer.status == 401, (path, headers, answer)
+                assert dialect_error(answer, "ollama") == "missing or invalid admin key"
+        assert store_changes(emu) == [] and "alpha:latest" in emu.loaded()
+        for method, path, body in MANAGEMENT:
+            assert (await send(url, method, path, body, headers=bearer("adm"))).status == 200, path
+        assert store_changes(emu) == ["/api/delete", "/api/pull", "/api/copy"]
+        assert "alpha:latest" not in emu.loaded()
+        # /api/show only reads, and a keep_alive that is not 0 only loads: no key needed.
+        assert (await send(url, "POST", "/api/show", b'{"model": "m1"}')).status == 200
+        assert (await send(url, "POST", "/api/generate", b'{"model": "m1", "keep_alive": "5m"}')).status == 200
+
+
+async def test_model_management_refuses_an_api_key_when_an_admin_key_is_set(emu: OllamaEmulator) -> None:
+    async with running_warmpool(config(emu.url, auth={"api_keys": ["api"], "admin_keys": ["adm"]})) as url:
+        for method, path, body in MANAGEMENT:
+            answer = await send(url, method, path, body, headers=bearer("api"))
+            assert answer.status == 403 and "admin key" in dialect_error(answer, "ollama"), (path, answer)
+            assert (await send(url, method, path, body)).status == 401
+        assert store_changes(emu) == []
+        for method, path in ADMIN_ENDPOINTS:
+            assert (await send(url, method, path, headers=bearer("api"))).status == 403, path
+        # An API key still does what API keys are for; the admin key does too.
+        generate = b'{"model": "m1", "prompt": "hi", "stream": false}'
+        for key in ("api", "adm"):
+            assert (await send(url, "POST", "/api/generate", generate, headers=bearer(key))).status == 200
+            assert (await send(url, "POST", "/api/show", b'{"model": "m1"}', headers=bearer(key))).status == 200
+        assert (await send(url, "DELETE", "/api/delete", b'{"model": "m1"}', headers=bearer("adm"))).status == 200
+
+
+async def test_without_admin_keys_an_api_key_manages_models_and_the_admin_api(emu: OllamaEmulator) -> None:
+    async with running_warmpool(config(emu.url, auth={"api_keys": ["api"]})) as url:
+        for method, path in ADMIN_ENDPOINTS:  # before: open to anyone once api_keys were set
+            answer = await send(url, method, path)
+            assert answer.status == 401 and answer.json() == {"error": "missing or invalid API key"}, path
+        assert (await send(url, "GET", "/warmpool/status", headers=bearer("api"))).status == 200
+        assert (await send(url, "DELETE", "/api/delete", b'{"model": "m1"}')).status == 401
+        assert (await send(url, "DELETE", "/api/delete", b'{"model": "m1"}', headers=bearer("api"))).status == 200
+        assert (await send(url, "GET", "/healthz")).status == 200  # liveness never needs a key

@@ -20,7 +20,7 @@ from warmpool.backends.base import Backend, Upstream
 from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig
 from warmpool.dialects import ollama_from_openai, openai_from_ollama, strictjson
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
-from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
+from warmpool.errors import BadRequest, Dialect, Forbidden, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
 from warmpool.http.exchange import Answer, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
@@ -89,7 +89,7 @@ class Proxy:
         self.scheduler = scheduler
         self.metrics = metrics
         self.aliases = routing.model_aliases(cfg)
-        self.api_keys = [k.encode() for k in cfg.auth.api_keys]
+        self.keys = auth.Keys.of(cfg.auth.api_keys, cfg.auth.admin_keys)
 
     async def handle(self, request: Incoming, reply: Reply) -> None:
         """Answer `request` into `reply`; every failure becomes an answer in the client's dialect."""
@@ -126,13 +126,15 @@ class Proxy:
             raise ModelNotFound(f"{method} {path}: no such endpoint")  # 404 in the client's dialect
         if method not in routing.allowed_methods(path):
             raise MethodNotAllowed(f"{method} not allowed on {path}")
-        check_api_key(ex.request, self.api_keys)
+        check_key(ex.request, self.keys, admin_grade=path in routing.MODEL_MANAGEMENT)
         if path in routing.LISTINGS or routing.is_model_entry(path):
             return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
         ex.raw = await ex.request.read()
         ex.body = strictjson.loads_object(ex.raw)
         if ex.dialect == "ollama" and path in keepalive.ENDPOINTS:
             ex.keep_alive = keepalive.parse_keep_alive(ex.body.get("keep_alive"))  # Ollama binds it first
+            if ex.keep_alive == 0 and ollama_from_openai.is_ollama_preload(path, ex.body):
+                check_key(ex.request, self.keys, admin_grade=True)  # an unload: other clients' model goes
         requested = routing.body_model(path, ex.body)
         choice = routing.choose_model(self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), requested)
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
@@ -331,10 +333,19 @@ def session_of(request: Incoming) -> str | None:
     return "address:" + request.peer if request.peer else None
 
 
-def check_api_key(request: Incoming, keys: list[bytes]) -> None:
-    """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
-    if keys and not auth.matches(auth.presented_key(request.raw_headers, x_api_key=True), keys):
-        raise Unauthorized("missing or invalid API key")
+def check_key(request: Incoming, keys: auth.Keys, *, admin_grade: bool) -> None:
+    """The key a request needs (auth.py has the rule), presented as Bearer or x-api-key: 401 without it,
+    403 for an API key where an admin key is needed."""
+    if keys.open or (not admin_grade and not keys.api):
+        return  # nothing to check: the headers are not even looked at
+    presented = auth.presented_key(request.raw_headers, x_api_key=True)
+    verdict = keys.for_admin(presented) if admin_grade else keys.for_request(presented)
+    if verdict is auth.Verdict.UNAUTHORIZED:
+        raise Unauthorized("missing or invalid admin key" if admin_grade and keys.admin
+                           else "missing or invalid API key")
+    if verdict is auth.Verdict.FORBIDDEN:
+        raise Forbidden(f"{request.method} {request.path} changes what other clients are served: "
+                        "it needs an admin key (auth.admin_keys), not an API key")
 
 
 def error_answer(error: WarmpoolError, dialect: Dialect) -> Answer:

@@ -28,6 +28,8 @@ INFERENCE = frozenset({
 }) | TRANSLATED
 # Endpoints that name a model but never load it (Ollama's model store operations).
 MODEL_ADMIN = frozenset({"/api/show", "/api/pull", "/api/delete", "/api/copy"})
+# Those of them that change a backend's model store: admin-grade (http/auth.py).
+MODEL_MANAGEMENT = MODEL_ADMIN - {"/api/show"}
 # Endpoints warmpool answers itself from the config and the backends' state.
 LISTINGS = frozenset({"/", "/api/tags", "/api/ps", "/api/version", "/v1/models"})
 MODEL_ENTRY_PREFIX = "/v1/models/"
