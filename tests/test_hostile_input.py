@@ -25,6 +25,7 @@ import yaml
 from tests.conftest import REPO, running_warmpool
 from tests.ollama_emulator import EmulatedModel, OllamaEmulator
 from warmpool.config import config_from_mapping, config_warnings
+from warmpool.http import auth
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -331,3 +332,26 @@ async def test_without_admin_keys_an_api_key_manages_models_and_the_admin_api(em
         assert (await send(url, "DELETE", "/api/delete", b'{"model": "m1"}')).status == 401
         assert (await send(url, "DELETE", "/api/delete", b'{"model": "m1"}', headers=bearer("api"))).status == 200
         assert (await send(url, "GET", "/healthz")).status == 200  # liveness never needs a key
+
+
+# The rule itself, every case (http/auth.py): configured (api, admin) keys × presented key → verdicts for a
+# proxied request and for an admin-grade action.
+RULE = [
+    ((), (), b"", "allowed", "allowed"),
+    (("api",), (), b"", "unauthorized", "unauthorized"),
+    (("api",), (), b"api", "allowed", "allowed"),
+    ((), ("adm",), b"", "allowed", "unauthorized"),
+    ((), ("adm",), b"adm", "allowed", "allowed"),
+    (("api",), ("adm",), b"api", "allowed", "forbidden"),
+    (("api",), ("adm",), b"adm", "allowed", "allowed"),
+    (("api",), ("adm",), b"wrong", "unauthorized", "unauthorized"),
+    (("café",), (), "café".encode(), "allowed", "allowed"),
+    (("café",), (), b"caf\xe9", "unauthorized", "unauthorized"),  # the same text, not the same bytes
+]
+
+
+@pytest.mark.parametrize(("api", "admin", "presented", "request_verdict", "admin_verdict"), RULE)
+def test_the_key_rule(api: tuple[str, ...], admin: tuple[str, ...], presented: bytes, request_verdict: str,
+                      admin_verdict: str) -> None:
+    keys = auth.Keys.of(api, admin)
+    assert (keys.for_request(presented).value, keys.for_admin(presented).value) == (request_verdict, admin_verdict)
