@@ -67,7 +67,7 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     app.on_shutdown.append(_stop_admitting)
     app.on_shutdown.append(_finish_front_door)
     admin.add_routes(app, cfg, backends, scheduler, metrics, tier, draining=lambda: agent.draining)
-    add_residency_route(app, scheduler, tier, agent, [k.encode() for k in cfg.auth.admin_keys])
+    add_residency_route(app, scheduler, tier, agent, admin.admin_keys(cfg))
     handle = aiohttp_fallback.handler(proxy.handle, cfg.max_body_size)
     for path in sorted(routing.INFERENCE | routing.MODEL_ADMIN | routing.LISTINGS):
         app.router.add_route("*", path, handle)  # a fixed path resolves in one dict lookup

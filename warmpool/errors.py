@@ -5,6 +5,7 @@
     ├── ListenError                    (startup: the listen address cannot be bound)
     ├── BadRequest                     400  malformed JSON, missing model, unknown phase, bad field
     ├── Unauthorized                   401  missing or wrong API / admin key
+    ├── Forbidden                      403  an API key where an admin key is needed
     ├── ModelNotFound                  404
     ├── PayloadTooLarge                413
     ├── QueueFull                      503  (+ Retry-After)
@@ -98,6 +99,10 @@ class BadRequest(WarmpoolError):
 class Unauthorized(WarmpoolError):
     status = 401
     code = "invalid_api_key"
+
+
+class Forbidden(WarmpoolError):
+    status = 403
 
 
 class ModelNotFound(WarmpoolError):

@@ -20,13 +20,13 @@ PROGRESS_INTERVAL = 0.2  # seconds between progress lines
 
 
 def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, tier: RamTier | None,
-                     admin_keys: list[bytes]) -> None:
+                     keys: auth.Keys) -> None:
     async def models(request: web.Request) -> web.Response:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         return web.json_response({"models": [model_view(name, cfg, scheduler, tier) for name in cfg.models]})
 
     async def warm(request: web.Request) -> web.StreamResponse:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         name = known_model(request, cfg)
         active = _tier_or_409(tier)
         if request.query.get("progress"):
@@ -38,7 +38,7 @@ def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, ti
         return web.json_response(_warm_answer(name, result.bytes_warmed, result.held, active))
 
     async def evict(request: web.Request) -> web.Response:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         name = known_model(request, cfg)
         active = _tier_or_409(tier)
         kept = active.why_kept(name) if active.files_of(name) else None
@@ -62,10 +62,18 @@ def known_model(request: web.Request, cfg: Config) -> str:
     return name
 
 
-def require_admin(request: web.Request, keys: list[bytes]) -> None:
-    if not auth.accepted(auth.bearer(request.headers), keys):
-        raise web.HTTPUnauthorized(text='{"error": "missing or invalid admin key"}', content_type="application/json",
-                                   headers={"WWW-Authenticate": "Bearer"})
+def require_admin(request: web.Request, keys: auth.Keys) -> None:
+    """An admin-grade action: the admin key as a Bearer token (or, with no admin keys, an API key)."""
+    if keys.open:
+        return
+    verdict = keys.for_admin(auth.presented_key(request.raw_headers))
+    if verdict is auth.Verdict.UNAUTHORIZED:
+        which = "admin" if keys.admin else "API"
+        raise web.HTTPUnauthorized(text=json.dumps({"error": f"missing or invalid {which} key"}),
+                                   content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+    if verdict is auth.Verdict.FORBIDDEN:
+        raise web.HTTPForbidden(text='{"error": "an admin key is needed (auth.admin_keys), not an API key"}',
+                                content_type="application/json")
 
 
 def model_view(name: str, cfg: Config, scheduler: Scheduler, tier: RamTier | None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from warmpool.admin.agent import Agent
 from warmpool.admin.models import require_admin
+from warmpool.http import auth
 from warmpool.ramtier.tier import RamTier
 from warmpool.scheduling.pool import Scheduler
 
@@ -53,9 +54,9 @@ def residency_view(scheduler: Scheduler, tier: RamTier | None, agent: Agent) -> 
 
 
 def add_residency_route(app: web.Application, scheduler: Scheduler, tier: RamTier | None, agent: Agent,
-                        admin_keys: list[bytes]) -> None:
+                        keys: auth.Keys) -> None:
     async def residency(request: web.Request) -> web.Response:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         return web.json_response(residency_view(scheduler, tier, agent))
 
     app.router.add_get("/warmpool/residency", residency)

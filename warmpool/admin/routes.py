@@ -14,6 +14,7 @@ from warmpool.admin.overview import BackendHealth, phase_map
 from warmpool.backends.base import Backend
 from warmpool.config import Config
 from warmpool.errors import WarmpoolError
+from warmpool.http import auth
 from warmpool.metrics import Metrics
 from warmpool.ramtier.tier import RamTier
 from warmpool.scheduling.pool import Scheduler
@@ -25,7 +26,7 @@ FAVICON = Path(__file__).with_name("static") / "favicon.svg"
 
 def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], scheduler: Scheduler,
                metrics: Metrics, tier: RamTier | None = None, draining: Callable[[], bool] = lambda: False) -> None:
-    admin_keys = [k.encode() for k in cfg.auth.admin_keys]
+    keys = admin_keys(cfg)
     health = BackendHealth(backends)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -44,12 +45,12 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(request: web.Request) -> web.Response:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         ram = tier.snapshot() if tier is not None else {"enabled": False}
         return web.json_response({**scheduler.snapshot(), "ram_tier": ram, **phase_map(cfg), **await health.snapshot()})
 
     async def load(request: web.Request) -> web.Response:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         name = known_model(request, cfg)
         try:
             seconds = await scheduler.pool_of(name).load(name)
@@ -58,7 +59,7 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
         return web.json_response({"model": name, "status": "resident", "seconds": round(seconds, 4)})
 
     async def unload(request: web.Request) -> web.Response:
-        require_admin(request, admin_keys)
+        require_admin(request, keys)
         name = known_model(request, cfg)
         try:
             was_loaded = await scheduler.pool_of(name).unload(name, cfg.scheduler.queue_timeout)
@@ -85,4 +86,9 @@ def add_routes(app: web.Application, cfg: Config, backends: dict[str, Backend], 
     app.router.add_get("/warmpool/", page)
     app.router.add_get("/warmpool", page)
     app.router.add_get("/favicon.ico", favicon)
-    add_model_routes(app, cfg, scheduler, tier, admin_keys)
+    add_model_routes(app, cfg, scheduler, tier, keys)
+
+
+def admin_keys(cfg: Config) -> auth.Keys:
+    """The keys the admin API checks (http/auth.py has the rule)."""
+    return auth.Keys.of(cfg.auth.api_keys, cfg.auth.admin_keys)

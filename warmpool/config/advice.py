@@ -5,11 +5,12 @@ checks over a `Config`, printed by `check-config` and logged at start-up (never 
 from __future__ import annotations
 
 from warmpool.config.model import Config
+from warmpool.config.names import name_clashes
 
 
 def config_warnings(cfg: Config) -> list[str]:
     """One line per surprise, naming the keys involved."""
-    return _interactive_wait_past_max_wait(cfg)
+    return _interactive_wait_past_max_wait(cfg) + name_clashes(cfg.models.values())
 
 
 def _interactive_wait_past_max_wait(cfg: Config) -> list[str]:

@@ -3,9 +3,9 @@ naming the field, never a crash deeper down."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from warmpool.dialects import strictjson
 from warmpool.errors import BadRequest
 
 JSON = dict[str, Any]
@@ -49,7 +49,7 @@ def parse_arguments(arguments: Any) -> JSON:
     if not isinstance(arguments, str) or not arguments.strip():
         return {}
     try:
-        parsed = json.loads(arguments)
-    except ValueError:
+        parsed = strictjson.loads(arguments)
+    except BadRequest:  # not JSON, NaN, nested too deeply: kept as the text it is
         parsed = None
     return parsed if isinstance(parsed, dict) else {"arguments": arguments}

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from warmpool.dialects import strictjson
 from warmpool.dialects.jsonfields import JSON
 from warmpool.dialects.jsonfields import as_object as _object
 from warmpool.dialects.jsonfields import get as _get
@@ -322,8 +323,8 @@ def _arguments(value: Any, where: str) -> JSON:
     if value is None or value == "":
         return {}
     try:
-        parsed = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
+        parsed = strictjson.loads(value) if isinstance(value, str) else None
+    except BadRequest:
         parsed = None
     if not isinstance(parsed, dict):
         raise BadRequest(f"{where} must be a JSON object encoded as a string")

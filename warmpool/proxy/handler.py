@@ -18,15 +18,15 @@ from typing import Any
 
 from warmpool.backends.base import Backend, Upstream
 from warmpool.config import Config, ModelConfig, Priority, SchedulerConfig
-from warmpool.dialects import ollama_from_openai, openai_from_ollama
+from warmpool.dialects import ollama_from_openai, openai_from_ollama, strictjson
 from warmpool.dialects.transforms import OllamaFromOpenAI, OpenAIFromOllama, Transform
-from warmpool.errors import BadRequest, Dialect, ModelNotFound, Unauthorized, WarmpoolError
+from warmpool.errors import BadRequest, Dialect, Forbidden, ModelNotFound, Unauthorized, WarmpoolError
 from warmpool.http import auth
-from warmpool.http.exchange import Answer, HeaderLookup, Headers, Incoming, Reply
+from warmpool.http.exchange import Answer, Headers, Incoming, Reply
 from warmpool.logs import new_request_id
 from warmpool.metrics import Metrics, RequestMeters
 from warmpool.proxy import feedback, keepalive, listings, naming, relay, routing, tokens, translate
-from warmpool.proxy.rawbody import plain_utf8, upstream_body
+from warmpool.proxy.rawbody import upstream_body
 from warmpool.scheduling.pool import Lease, Scheduler
 
 log = logging.getLogger("warmpool.access")
@@ -89,7 +89,7 @@ class Proxy:
         self.scheduler = scheduler
         self.metrics = metrics
         self.aliases = routing.model_aliases(cfg)
-        self.api_keys = [k.encode() for k in cfg.auth.api_keys]
+        self.keys = auth.Keys.of(cfg.auth.api_keys, cfg.auth.admin_keys)
 
     async def handle(self, request: Incoming, reply: Reply) -> None:
         """Answer `request` into `reply`; every failure becomes an answer in the client's dialect."""
@@ -101,6 +101,11 @@ class Proxy:
             await self._fail(ex, error, ex.tags())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client left; nothing to answer
+        except RecursionError:
+            # A body nested just shallower than strictjson's parse admits still breaks the steps that
+            # re-serialise or translate it: the client's doing, so a 400 (logged, in case it was not).
+            log.warning("%s %s: nesting too deep", ex.request.method, ex.request.path, exc_info=True)
+            await self._fail(ex, BadRequest(strictjson.TOO_DEEP), ex.tags())
         except Exception as exc:  # a bug must cost one request, never the proxy
             log.exception("internal error on %s %s", ex.request.method, ex.request.path)
             await self._fail(ex, WarmpoolError(f"internal error: {type(exc).__name__}: {exc}"), [])
@@ -121,13 +126,15 @@ class Proxy:
             raise ModelNotFound(f"{method} {path}: no such endpoint")  # 404 in the client's dialect
         if method not in routing.allowed_methods(path):
             raise MethodNotAllowed(f"{method} not allowed on {path}")
-        check_api_key(ex.request.headers, self.api_keys)
+        check_key(ex.request, self.keys, admin_grade=path in routing.MODEL_MANAGEMENT)
         if path in routing.LISTINGS or routing.is_model_entry(path):
             return await ex.answer(await listings.answer(path, self.cfg, self.backends, self.scheduler))
         ex.raw = await ex.request.read()
-        ex.body = parse_json(ex.raw)
+        ex.body = strictjson.loads_object(ex.raw)
         if ex.dialect == "ollama" and path in keepalive.ENDPOINTS:
             ex.keep_alive = keepalive.parse_keep_alive(ex.body.get("keep_alive"))  # Ollama binds it first
+            if ex.keep_alive == 0 and ollama_from_openai.is_ollama_preload(path, ex.body):
+                check_key(ex.request, self.keys, admin_grade=True)  # an unload: other clients' model goes
         requested = routing.body_model(path, ex.body)
         choice = routing.choose_model(self.cfg, self.aliases, ex.request.headers.get(PHASE_HEADER), requested)
         ex.model, ex.phase = self.cfg.models[choice.model], choice.phase
@@ -326,23 +333,19 @@ def session_of(request: Incoming) -> str | None:
     return "address:" + request.peer if request.peer else None
 
 
-def check_api_key(headers: HeaderLookup, keys: list[bytes]) -> None:
-    """When API keys are configured, a proxied request needs one (Bearer, or x-api-key)."""
-    if keys and not auth.accepted(auth.bearer(headers, x_api_key=True), keys):
-        raise Unauthorized("missing or invalid API key")
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    if not raw or raw.isspace():
-        raise BadRequest("missing request body")
-    try:
-        # Decoded here when it is plain UTF-8: json.loads would first guess the encoding of bytes.
-        data = json.loads(raw.decode() if plain_utf8(raw) else raw)
-    except ValueError as exc:
-        raise BadRequest(f"invalid JSON in request body: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
+def check_key(request: Incoming, keys: auth.Keys, *, admin_grade: bool) -> None:
+    """The key a request needs (auth.py has the rule), presented as Bearer or x-api-key: 401 without it,
+    403 for an API key where an admin key is needed."""
+    if keys.open or (not admin_grade and not keys.api):
+        return  # nothing to check: the headers are not even looked at
+    presented = auth.presented_key(request.raw_headers, x_api_key=True)
+    verdict = keys.for_admin(presented) if admin_grade else keys.for_request(presented)
+    if verdict is auth.Verdict.UNAUTHORIZED:
+        raise Unauthorized("missing or invalid admin key" if admin_grade and keys.admin
+                           else "missing or invalid API key")
+    if verdict is auth.Verdict.FORBIDDEN:
+        raise Forbidden(f"{request.method} {request.path} changes what other clients are served: "
+                        "it needs an admin key (auth.admin_keys), not an API key")
 
 
 def error_answer(error: WarmpoolError, dialect: Dialect) -> Answer:

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Iterable
 
-from warmpool.config import ModelConfig
+from warmpool.config import ModelConfig, names
 
 
 def echo_name(sent: object, model: ModelConfig) -> str:
@@ -29,12 +29,14 @@ def client_names(model: ModelConfig) -> list[str]:
 
 
 def listed_names(models: Iterable[ModelConfig]) -> list[tuple[str, ModelConfig]]:
-    """(name, model) for every name a client may use, each name once; a configured name wins over another
-    model's upstream name."""
+    """(name, model) for every name a client may use, each name once, for the model a request by that
+    name reaches (config/names.py: a configured name wins over another model's upstream name)."""
     configured = {m.name: m for m in models}
+    reaches = names.model_aliases(configured.values())
     seen: dict[str, ModelConfig] = dict(configured)
     for model in configured.values():
-        seen.setdefault(model.upstream_name, model)
+        if reaches[model.upstream_name] == model.name:
+            seen.setdefault(model.upstream_name, model)
     return list(seen.items())
 
 

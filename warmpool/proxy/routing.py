@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from warmpool.config import Config
+from warmpool.config import Config, names
 from warmpool.errors import BadRequest, Dialect, ModelNotFound
 
 PHASE_HEADER = "X-Warmpool-Phase"
@@ -28,6 +28,8 @@ INFERENCE = frozenset({
 }) | TRANSLATED
 # Endpoints that name a model but never load it (Ollama's model store operations).
 MODEL_ADMIN = frozenset({"/api/show", "/api/pull", "/api/delete", "/api/copy"})
+# Those of them that change a backend's model store: admin-grade (http/auth.py).
+MODEL_MANAGEMENT = MODEL_ADMIN - {"/api/show"}
 # Endpoints warmpool answers itself from the config and the backends' state.
 LISTINGS = frozenset({"/", "/api/tags", "/api/ps", "/api/version", "/v1/models"})
 MODEL_ENTRY_PREFIX = "/v1/models/"
@@ -109,19 +111,6 @@ def _by_phase(cfg: Config, phase: str) -> Choice:
 
 
 def model_aliases(cfg: Config) -> dict[str, str]:
-    """Every name a client may use for a configured model: its name and its upstream name, each with and
-    without Ollama's implicit ':latest' tag. Configured names win over upstream names."""
-    aliases: dict[str, str] = {}
-    for m in cfg.models.values():
-        for name in (m.upstream_name, m.name):
-            for variant in _tag_variants(name):
-                aliases[variant] = m.name
-    return aliases
-
-
-def _tag_variants(name: str) -> tuple[str, ...]:
-    if name.endswith(":latest"):
-        return (name, name[: -len(":latest")])
-    if ":" in name.rsplit("/", 1)[-1]:
-        return (name,)
-    return (name, name + ":latest")
+    """Every name a client may use for a configured model → its configured name (config/names.py has
+    the rule: a configured name always wins over another model's upstream name)."""
+    return names.model_aliases(cfg.models.values())
