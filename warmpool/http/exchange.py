@@ -1,6 +1,6 @@
 """The client's side of one proxied exchange, whichever server carried it: what the request said
 (`Incoming`) and where the answer goes (`Reply`). The proxy and the relay speak only to these two;
-`server` implements them on the socket itself, `aiohttp_fallback` over aiohttp's request and responses.
+`server` implements them on the socket itself.
 """
 
 from __future__ import annotations
