@@ -57,6 +57,12 @@ class Reply(Protocol):
     @property
     def started(self) -> bool: ...
 
+    @property
+    def length_framed(self) -> bool:
+        """Whether the head announced the body's length: such a body can carry nothing after it (an error
+        line there would be read as the start of the next answer), so it is cut by dropping the connection."""
+        ...
+
     async def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
         """Head and body together (one write where the server allows it)."""
 
