@@ -70,7 +70,7 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> App
     routes = Routes(proxy.handle)  # warmpool's own endpoints; every other path is the proxy's
     admin.add_routes(routes, cfg, backends, scheduler, metrics, tier, draining=lambda: agent.draining)
     add_residency_route(routes, scheduler, tier, agent, [k.encode() for k in cfg.auth.admin_keys])
-    door = server.Lane(routes, server.Limits(max_body=cfg.max_body_size), refusal)
+    door = server.Lane(routes, server.Limits.standard(cfg.max_body_size), refusal)
     return App(cfg, backends, scheduler, metrics, proxy, tier, agent, routes, door)
 
 

@@ -37,6 +37,14 @@ Refusal = Callable[[int, str, str], Answer]
 
 MAX_PIPELINED = 1 << 20  # bytes of requests read ahead behind a running exchange before reading pauses
 TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
+# The limits every connection gets (Limits.standard reads them when the server is built).
+MAX_HEAD = 65536  # bytes of request line and header fields -> 431
+MAX_FIELDS = 100  # header fields -> 431
+KEEPALIVE_SECONDS = 75.0  # an idle connection is closed this long after its last answer
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its head -> 408
+BODY_GRACE = 10.0  # seconds a request body may take ...
+BODY_RATE = 16384.0  # ... plus one per this many bytes of it -> 408
+MAX_CONNECTIONS = 0  # open client connections; 0: half the file-descriptor limit, at most 10,000 -> 503
 
 
 def default_max_connections() -> int:
@@ -51,13 +59,19 @@ class Limits:
     """What one connection may take; the same for every connection."""
 
     max_body: int  # bytes of request body (config: max_body_size) -> 413
-    max_head: int = 65536  # bytes of request line and header fields -> 431
-    max_fields: int = 100  # header fields -> 431
-    keepalive: float = 75.0  # seconds an idle connection stays open between requests -> closed
-    header_timeout: float = 10.0  # seconds from a request's first byte to the end of its head -> 408
-    body_grace: float = 10.0  # seconds a body may take, plus one per `body_rate` bytes -> 408
-    body_rate: float = 16384.0  # bytes per second a body must average after its grace
-    max_connections: int = 0  # open client connections; 0: default_max_connections() -> 503
+    max_head: int = MAX_HEAD
+    max_fields: int = MAX_FIELDS
+    keepalive: float = KEEPALIVE_SECONDS
+    header_timeout: float = HEADER_TIMEOUT
+    body_grace: float = BODY_GRACE
+    body_rate: float = BODY_RATE
+    max_connections: int = MAX_CONNECTIONS
+
+    @classmethod
+    def standard(cls, max_body: int) -> Limits:
+        """The module's limits as they are now (tests shorten them)."""
+        return cls(max_body, MAX_HEAD, MAX_FIELDS, KEEPALIVE_SECONDS, HEADER_TIMEOUT, BODY_GRACE, BODY_RATE,
+                   MAX_CONNECTIONS)
 
     def connections_cap(self) -> int:
         return self.max_connections or default_max_connections()
@@ -197,6 +211,7 @@ class Connection(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
         # One timer re-checking a moving deadline: a timer armed and cancelled per request costs more.
         self.deadline = 0.0
+        self.period = min(self.limits.header_timeout, self.limits.body_grace, self.limits.keepalive)
         self.timer: asyncio.TimerHandle | None = None
         # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
@@ -445,8 +460,10 @@ class Connection(asyncio.Protocol):
         self._arm()
 
     def _arm(self) -> None:
+        # At the deadline, or sooner: a request's head or body may begin meanwhile and bring the deadline
+        # closer, and moving the timer at every request would cost more than an early wake-up.
         if self.timer is None:
-            self.timer = self.loop.call_at(self.deadline, self._check_deadline)
+            self.timer = self.loop.call_at(min(self.deadline, self.loop.time() + self.period), self._check_deadline)
 
     def _check_deadline(self) -> None:
         self.timer = None
