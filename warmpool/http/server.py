@@ -324,7 +324,10 @@ class Connection(asyncio.Protocol):
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise Refused(417, "only Expect: 100-continue is understood")
-            if self.transport is not None and (length is None or int(length) > 0):
+            # Only at the head of the line: behind a running exchange it would land inside that answer
+            # (the client sends the body anyway once its wait for 100 runs out).
+            at_turn = self.exchange is None and not self.waiting
+            if at_turn and self.transport is not None and (length is None or int(length) > 0):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.fields = Fields(by_name)
         self.request_keep_alive = self.parser.should_keep_alive() and not self.parser.should_upgrade()
