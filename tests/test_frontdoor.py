@@ -316,3 +316,44 @@ async def test_shutdown_drops_exchanges_that_outlive_the_timeout(door: Callable[
     await d.lane.drain(0.2)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_head_gets_the_head_alone_and_the_connection_goes_on(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(echo)
+    reader, writer = await d.connect()
+    writer.write(b"HEAD /api/tags HTTP/1.1\r\nHost: a\r\n\r\n" + post("/api/chat", b"after"))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: " in head
+    assert json.loads((await read_answer(reader))[1])["body"] == "after"  # no body came between
+    writer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(echo)
+    reader, writer = await d.connect()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"{}")
+    assert json.loads((await read_answer(reader))[1])["body"] == "{}"
+    writer.close()
+
+
+async def test_an_upgrade_request_is_answered_then_closed(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(echo)
+    reader, writer = await d.connect()
+    writer.write(b"GET /api/tags HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x00\x01")
+    head, _ = await read_answer(reader)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_an_http10_stream_ends_at_the_close(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(streamed)
+    reader, writer = await d.connect()
+    writer.write(b"POST /api/chat HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    writer.close()

@@ -195,7 +195,8 @@ class Connection(asyncio.Protocol):
         self.state = IDLE
         self.url = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
+        self.head_size = 0  # bytes received since the request began, while its head is incomplete
+        self.head_bytes = 0  # bytes of its request target and fields, once the head is complete
         self.body_parts: list[bytes] = []
         self.body_size = 0
         self.body_started = 0.0
@@ -302,7 +303,7 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         limits = self.limits
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.raw_headers)
+        self.head_bytes = size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.raw_headers)
         if size > limits.max_head:
             raise Refused(431, f"request head larger than {limits.max_head} bytes")
         version = self.parser.get_http_version()
@@ -358,7 +359,7 @@ class Connection(asyncio.Protocol):
         request = Request(self.parser.get_method().decode("ascii"), _path(path), query.decode("latin-1"),
                           self.raw_headers, self.fields, length, body, self.peer, self.request_keep_alive,
                           self.parser.get_http_version())
-        request.size += len(target) + sum(len(name) + len(value) for name, value in self.raw_headers)
+        request.size += self.head_bytes
         self.waiting.append(request)
         self.waiting_bytes += request.size
         self.state = IDLE
