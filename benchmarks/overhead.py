@@ -26,6 +26,7 @@ within each round.
 
     .venv/bin/python benchmarks/overhead.py [--quick] [--rounds N] [--only openai|ollama] [--json]
     .venv/bin/python benchmarks/overhead.py --source /path/to/other/checkout   # compare a change
+    .venv/bin/python benchmarks/overhead.py --baseline /path/to/main --nginx   # before/after and nginx, side by side
     .venv/bin/python benchmarks/overhead.py --upstream   # just the fake upstream, for profiling
 """
 
@@ -597,15 +598,11 @@ async def measure_target(url: str, model: str, settings: Settings, into: Samples
         into.add("wide_p99", percentile(delays, 99) * 1e3)
 
 
-async def measure(direct: str, proxy: Child, routes: list[str], reference: Child | None, settings: Settings,
-                  progress: Callable[[str], None], nginx: Child | None = None) -> dict[str, Samples]:
-    """Interleaved rounds: direct, then each route (and the reference proxy), `settings.rounds` times; the
-    proxied targets take turns going first, so none always runs right after direct."""
-    targets = {route: (proxy, ROUTES[route]) for route in routes}
-    if reference is not None:
-        targets["reference"] = (reference, ROUTES["openai"])
-    if nginx is not None:
-        targets["nginx"] = (nginx, ROUTES["openai"])
+async def measure(direct: str, targets: dict[str, tuple[Child, str]], settings: Settings,
+                  progress: Callable[[str], None]) -> dict[str, Samples]:
+    """Interleaved rounds: direct, then each target (a warmpool route, the reference proxy, nginx, and the
+    same from a baseline checkout), `settings.rounds` times; the proxied targets take turns going first, so
+    none always runs right after direct."""
     results = {name: Samples() for name in ["direct", *targets]}
     order = list(targets)
     for index in range(settings.rounds):
@@ -663,20 +660,27 @@ ROWS = [
 ]
 HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama", "reference": "no logic",
             "nginx": "nginx"}
+BEFORE = "@before"  # the suffix of a baseline checkout's targets (--baseline)
+
+
+def heading(name: str) -> str:
+    if name.endswith(BEFORE):
+        return HEADINGS[name.removesuffix(BEFORE)].removeprefix("via ") + " before"
+    return HEADINGS[name]
 
 
 def table(results: dict[str, Samples]) -> str:
     names = list(results)
-    lines = [f"{'median of rounds':<29}" + "".join(f"{HEADINGS[n]:>14}" for n in names)]
+    lines = [f"{'median of rounds':<29}" + "".join(f"{heading(n):>16}" for n in names)]
     for label, key, fmt in ROWS:
         cells = [fmt.format(r.median(key)) if key in r.values else "-" for r in results.values()]
-        lines.append(f"{label:<29}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{label:<29}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
 
 def verdicts(results: dict[str, Samples]) -> list[str]:
     lines = []
-    for route in (r for r in results if r not in ("direct", "reference", "nginx")):
+    for route in (r for r in results if r in ROUTES):
         s = results[route]
         checks = [
             ("added p50 latency at c=1", s.median("added_p50_c1"), TARGETS["added_p50_c1_ms"], "ms", True),
@@ -688,7 +692,7 @@ def verdicts(results: dict[str, Samples]) -> list[str]:
         for name, value, target, unit, at_most in checks:
             met = value <= target if at_most else value >= target
             bound = "<=" if at_most else ">="
-            lines.append(f"{HEADINGS[route]:<11} {name:<38} {'met' if met else 'NOT MET':<8}"
+            lines.append(f"{heading(route):<11} {name:<38} {'met' if met else 'NOT MET':<8}"
                          f"{value:.3f} {unit} (target {bound} {target:g} {unit})")
     return lines
 
@@ -705,6 +709,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="also print every per-round figure as JSON")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference proxy with no logic")
     parser.add_argument("--nginx", action="store_true", help="also measure nginx (proxy_buffering off) as a column")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run warmpool from this checkout, in the same rounds (a before/after table)")
     parser.add_argument("--wide", type=int, help="streams at once for the wide chunk-delay rows (default 256; 0: none)")
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reference", metavar="UPSTREAM", help=argparse.SUPPRESS)
@@ -736,19 +742,27 @@ def raise_on_sigterm() -> None:
 
 
 def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool,
-              with_reference: bool, with_nginx: bool = False) -> int:
+              with_reference: bool, with_nginx: bool = False, baseline: Path | None = None) -> int:
     def progress(text: str) -> None:
         print(f"  {text} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
 
     began = time.monotonic()
     with children() as started, tempfile.TemporaryDirectory(prefix="warmpool-bench-") as workdir:
         upstream = start_upstream(started, settings)
-        proxy = start_warmpool(started, upstream, Path(workdir), source)
-        reference = start_reference(started, upstream, source) if with_reference else None
-        nginx = start_nginx(started, upstream, Path(workdir)) if with_nginx else None
-        progress(f"upstream {upstream}, warmpool {proxy.url} from {source}; {settings.rounds} rounds")
+        targets: dict[str, tuple[Child, str]] = {}
+        for tree, suffix in [(source, ""), *([(baseline, BEFORE)] if baseline is not None else [])]:
+            place = Path(workdir) / (suffix or "now")
+            place.mkdir()
+            proxy = start_warmpool(started, upstream, place, tree)
+            progress(f"warmpool {proxy.url} from {tree}")
+            targets.update({route + suffix: (proxy, ROUTES[route]) for route in routes})
+            if with_reference:
+                targets["reference" + suffix] = (start_reference(started, upstream, tree), ROUTES["openai"])
+        if with_nginx:
+            targets["nginx"] = (start_nginx(started, upstream, Path(workdir)), ROUTES["openai"])
+        progress(f"upstream {upstream}; {settings.rounds} rounds")
         run = event_loop_runner()
-        results = run(measure(upstream, proxy, routes, reference, settings, progress, nginx))
+        results = run(measure(upstream, targets, settings, progress))
     print(f"\nwarmpool overhead, {os.cpu_count()} CPUs, {settings.rounds} rounds, "
           f"c=1: {settings.requests_c1} "
           f"requests, c=16: {settings.requests_c16}, streams: {settings.streams} x {settings.chunks} chunks "
@@ -774,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_on_sigterm()
     routes = [args.only] if args.only else list(ROUTES)
     try:
-        return benchmark(settings, routes, args.source.resolve(), args.json, not args.no_reference, args.nginx)
+        return benchmark(settings, routes, args.source.resolve(), args.json, not args.no_reference, args.nginx,
+                         args.baseline.resolve() if args.baseline else None)
     except KeyboardInterrupt:
         print("interrupted; child processes stopped", file=sys.stderr)
         return 130
