@@ -140,6 +140,8 @@ class Lane:
         self.cap = limits.connections_cap()
         self.refusal = refusal
         self.connections: set[Connection] = set()
+        self.refused_over_cap = 0
+        self.cap_logged_at = -1e9
         self.closing = False
         self._all_closed: asyncio.Event | None = None
 
@@ -227,7 +229,12 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         if len(lane.connections) >= lane.cap:
-            log.warning("connection refused: %d connections open (the cap)", len(lane.connections))
+            lane.refused_over_cap += 1
+            now = self.loop.time()
+            if now - lane.cap_logged_at >= 10.0:  # a flood is one line per 10 s, not one per connection
+                lane.cap_logged_at = now
+                log.warning("connections refused (503): %d open, the cap; %d refused so far", len(lane.connections),
+                            lane.refused_over_cap)
             self.transport = None
             transport.write(self._refusal_bytes(503, "too many open connections; try again later"))  # type: ignore[attr-defined]
             transport.close()
