@@ -29,7 +29,7 @@ class Failure(Exception):
                           headers=tuple((headers or {}).items())))
 
 
-@dataclass(slots=True)
+@dataclass  # not slots: `query` is a cached_property
 class Call:
     """One request to an endpoint: the request, where its answer goes, and what the pattern matched."""
 
