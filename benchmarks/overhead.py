@@ -297,7 +297,7 @@ NGINX_CONF = """
 master_process off; daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log stderr error;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
   client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir};
   scgi_temp_path {dir};
   upstream fake {{ server {upstream}; keepalive 64; }}

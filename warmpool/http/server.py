@@ -310,19 +310,21 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         limits = self.limits
-        self.head_bytes = size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.raw_headers)
-        if size > limits.max_head:
-            raise Refused(431, f"request head larger than {limits.max_head} bytes")
         version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):
             raise Refused(505, f"HTTP/{version} is not supported; speak HTTP/1.1")
         by_name: dict[bytes, bytes] = {}
         hosts = 0
-        for name, value in self.raw_headers:
+        size = len(self.url)
+        for name, value in self.raw_headers:  # one pass: the head's size, the fields by name, the Host count
+            size += len(name) + len(value) + 4
             key = name.lower()
             if key == b"host":
                 hosts += 1
             by_name.setdefault(key, value)
+        self.head_bytes = size
+        if size > limits.max_head:
+            raise Refused(431, f"request head larger than {limits.max_head} bytes")
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise Refused(400, "an HTTP/1.1 request needs exactly one Host header")
         length = by_name.get(b"content-length")
