@@ -214,6 +214,7 @@ class Response:
         self._parser = httptools.HttpResponseParser(self)
         self._head_size = 0  # bytes received before the head was complete
         self._field_bytes = 0  # bytes of the header fields parsed (a whole head may come in one read)
+        self._reason = b""
         self._head_done = False
         self._until_close = False  # no framing: the body ends where the connection does
         self._keep_alive = True
@@ -352,31 +353,31 @@ class Response:
     # -- llhttp's callbacks --------------------------------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += _utf8(reason.decode("latin-1"))
+        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Per field of every answer, so kept lean: llhttp checked the name is a token and the value has no
+        # control bytes, and dropped the value's leading whitespace (not its trailing).
         self._field_bytes += len(name) + len(value) + 4
-        if self._field_bytes > MAX_HEAD:
-            raise UpstreamBroken(f"response head larger than {MAX_HEAD} bytes")
-        if len(self.headers) >= MAX_FIELDS:
-            raise UpstreamBroken(f"more than {MAX_FIELDS} response header fields")
-        text = value.decode("latin-1").strip(" \t")
-        if not text.isascii():
-            text = _utf8(text)
-        key = name.decode("latin-1")
-        self.headers.append((key, text))
-        lowered = key.lower()
-        fields = self._fields
-        fields[lowered] = f"{fields[lowered]}, {text}" if lowered in fields else text
+        if self._field_bytes > MAX_HEAD or len(self.headers) >= MAX_FIELDS:
+            raise UpstreamBroken(f"response head over {MAX_HEAD} bytes or {MAX_FIELDS} fields")
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        self.headers.append((name.decode("latin-1"), _text(value)))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # an interim 1xx answer: the real one follows
-            self.headers, self._fields, self.reason, self._field_bytes = [], {}, "", 0
+            self.headers, self._reason, self._field_bytes = [], b"", 0
             return
         self.status = status
+        self.reason = _text(self._reason.rstrip(b" \t"))
+        fields = self._fields
+        for key, text in self.headers:
+            lowered = key.lower()
+            fields[lowered] = f"{fields[lowered]}, {text}" if lowered in fields else text
         self._keep_alive = self._parser.should_keep_alive()
-        transfer = self.header("Transfer-Encoding")
+        transfer = fields.get("transfer-encoding")
         if not self._expect_body or status in NO_BODY_STATUSES:
             self.content_length = 0
             self._head_done = self._done = True
@@ -386,7 +387,7 @@ class Response:
         if transfer is not None:
             if transfer.lower().rsplit(",", 1)[-1].strip() != "chunked":
                 raise UpstreamBroken(f"unsupported Transfer-Encoding: {transfer!r}")
-        elif (length := self.header("Content-Length")) is not None:
+        elif (length := fields.get("content-length")) is not None:
             self.content_length = int(length)  # llhttp checked it: digits, one value
         else:
             self._until_close = True
@@ -402,9 +403,12 @@ class Response:
             self._done = True
 
 
-def _utf8(value: str) -> str:
-    """Header values are read as Latin-1 (every byte survives); UTF-8 ones are turned back into text."""
+def _text(raw: bytes) -> str:
+    """A header value or reason phrase as text: ASCII as it is, UTF-8 decoded, anything else Latin-1 (every
+    byte survives)."""
+    if raw.isascii():
+        return raw.decode("ascii")
     try:
-        return value.encode("latin-1").decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return value
+        return raw.decode("latin-1")
