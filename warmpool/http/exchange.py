@@ -44,7 +44,7 @@ class Incoming(Protocol):
         ...
 
     async def read(self) -> bytes:
-        """The whole body; raises PayloadTooLarge above the configured limit."""
+        """The whole body (one over `max_body_size` was refused with 413 before the handler ran)."""
         ...
 
 
