@@ -26,6 +26,7 @@ within each round.
 
     .venv/bin/python benchmarks/overhead.py [--quick] [--rounds N] [--only openai|ollama] [--json]
     .venv/bin/python benchmarks/overhead.py --source /path/to/other/checkout   # compare a change
+    .venv/bin/python benchmarks/overhead.py --baseline /path/to/main --nginx   # before/after and nginx, side by side
     .venv/bin/python benchmarks/overhead.py --upstream   # just the fake upstream, for profiling
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -75,9 +77,10 @@ class Settings:
     streams: int = 15
     chunks: int = CHUNKS
     gap: float = GAP
+    wide: int = 256  # streams at once for the wide chunk-delay rows; 0 skips them
 
 
-QUICK = Settings(rounds=2, requests_c1=500, requests_c16=1000, warmup=100, streams=5)
+QUICK = Settings(rounds=2, requests_c1=500, requests_c16=1000, warmup=100, streams=5, wide=64)
 
 
 # -- the fake upstream (its own process) ---------------------------------------------------------------------
@@ -202,7 +205,9 @@ def reference_front_door(upstream: str) -> Callable[..., object] | None:
         finally:
             answer.close()
 
-    return frontdoor.Lane(forward, lambda path: True, 1 << 20).protocol
+    if hasattr(frontdoor, "Limits"):  # the server that serves every route itself
+        return frontdoor.Lane(forward, frontdoor.Limits(max_body=1 << 20)).protocol
+    return frontdoor.Lane(forward, lambda path: True, 1 << 20).protocol  # the front door beside aiohttp
 
 
 async def serve_protocol(factory: Callable[..., object]) -> None:
@@ -286,6 +291,43 @@ def start_reference(started: list[Child], upstream: str, source: Path) -> Child:
     env = {**os.environ, "PYTHONPATH": str(source)}
     argv = [sys.executable, str(Path(__file__).resolve()), "--reference", upstream]
     return start_server(started, Child("reference proxy", argv, env))
+
+
+NGINX_CONF = """
+master_process off; daemon off; worker_processes 1; pid {dir}/nginx.pid; error_log stderr error;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000; keepalive_timeout 75s;
+  client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir};
+  scgi_temp_path {dir};
+  upstream fake {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_buffering off; }}
+  }}
+}}
+"""
+
+
+def start_nginx(started: list[Child], upstream: str, workdir: Path) -> Child:
+    """nginx as a plain reverse proxy (one process, so its pid is the one doing the work; unbuffered, with
+    keep-alive to the upstream): the reference for what a reverse proxy adds to each chunk."""
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream.removeprefix("http://"), port=port))
+    child = Child("nginx", ["nginx", "-c", str(conf), "-p", str(workdir)])
+    child.url = f"http://127.0.0.1:{port}"
+    started.append(child)
+    child.drain()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise RuntimeError("nginx exited:\n" + "".join(child.output))
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return child
+        time.sleep(0.05)
+    raise RuntimeError("nginx did not start:\n" + "".join(child.output))
 
 
 def start_server(started: list[Child], child: Child) -> Child:
@@ -488,6 +530,13 @@ async def chunk_delays(session: aiohttp.ClientSession, url: str, body: bytes, st
     return delays
 
 
+async def wide_chunk_delays(url: str, body: bytes, streams: int) -> list[float]:
+    """Chunk delays of `streams` streams running at once, each on its own connection."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        runs = await asyncio.gather(*(chunk_delays(session, url, body, 1) for _ in range(streams)))
+    return [delay for run in runs for delay in run]
+
+
 # -- rounds and statistics -----------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
@@ -543,15 +592,17 @@ async def measure_target(url: str, model: str, settings: Settings, into: Samples
         delays = await chunk_delays(session, url + CHAT, streamed, settings.streams)
     into.add("chunk_p50", percentile(delays, 50) * 1e3)
     into.add("chunk_p99", percentile(delays, 99) * 1e3)
+    if settings.wide:
+        delays = await wide_chunk_delays(url + CHAT, streamed, settings.wide)
+        into.add("wide_p50", percentile(delays, 50) * 1e3)
+        into.add("wide_p99", percentile(delays, 99) * 1e3)
 
 
-async def measure(direct: str, proxy: Child, routes: list[str], reference: Child | None, settings: Settings,
+async def measure(direct: str, targets: dict[str, tuple[Child, str]], settings: Settings,
                   progress: Callable[[str], None]) -> dict[str, Samples]:
-    """Interleaved rounds: direct, then each route (and the reference proxy), `settings.rounds` times; the
-    proxied targets take turns going first, so none always runs right after direct."""
-    targets = {route: (proxy, ROUTES[route]) for route in routes}
-    if reference is not None:
-        targets["reference"] = (reference, ROUTES["openai"])
+    """Interleaved rounds: direct, then each target (a warmpool route, the reference proxy, nginx, and the
+    same from a baseline checkout), `settings.rounds` times; the proxied targets take turns going first, so
+    none always runs right after direct."""
     results = {name: Samples() for name in ["direct", *targets]}
     order = list(targets)
     for index in range(settings.rounds):
@@ -567,7 +618,9 @@ async def measure(direct: str, proxy: Child, routes: list[str], reference: Child
 
 def add_differences(direct: Samples, proxied: Samples) -> None:
     """Per-round proxied-minus-direct figures (pairing rounds cancels slow drifts of the machine)."""
-    for key in ("p50_c1", "p99_c1", "p50_c16", "p99_c16", "chunk_p50", "chunk_p99"):
+    for key in ("p50_c1", "p99_c1", "p50_c16", "p99_c16", "chunk_p50", "chunk_p99", "wide_p50", "wide_p99"):
+        if key not in direct.values:
+            continue
         for ours, theirs in zip(proxied.values[key], direct.values[key], strict=True):
             proxied.add(f"added_{key}", ours - theirs)
     for ours, theirs in zip(proxied.values["rps_c16"], direct.values["rps_c16"], strict=True):
@@ -600,22 +653,34 @@ ROWS = [
     ("chunk delay p99 (ms)", "chunk_p99", "{:.3f}"),
     ("chunk added p50 (ms)", "added_chunk_p50", "{:+.3f}"),
     ("chunk added p99 (ms)", "added_chunk_p99", "{:+.3f}"),
+    ("wide streams chunk p50 (ms)", "wide_p50", "{:.3f}"),
+    ("wide streams chunk p99 (ms)", "wide_p99", "{:.3f}"),
+    ("wide streams added p50 (ms)", "added_wide_p50", "{:+.3f}"),
+    ("wide streams added p99 (ms)", "added_wide_p99", "{:+.3f}"),
 ]
-HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama", "reference": "no logic"}
+HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama", "reference": "no logic",
+            "nginx": "nginx"}
+BEFORE = "@before"  # the suffix of a baseline checkout's targets (--baseline)
+
+
+def heading(name: str) -> str:
+    if name.endswith(BEFORE):
+        return HEADINGS[name.removesuffix(BEFORE)].removeprefix("via ") + " before"
+    return HEADINGS[name]
 
 
 def table(results: dict[str, Samples]) -> str:
     names = list(results)
-    lines = [f"{'median of rounds':<26}" + "".join(f"{HEADINGS[n]:>14}" for n in names)]
+    lines = [f"{'median of rounds':<29}" + "".join(f"{heading(n):>16}" for n in names)]
     for label, key, fmt in ROWS:
         cells = [fmt.format(r.median(key)) if key in r.values else "-" for r in results.values()]
-        lines.append(f"{label:<26}" + "".join(f"{c:>14}" for c in cells))
+        lines.append(f"{label:<29}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines)
 
 
 def verdicts(results: dict[str, Samples]) -> list[str]:
     lines = []
-    for route in (r for r in results if r not in ("direct", "reference")):
+    for route in (r for r in results if r in ROUTES):
         s = results[route]
         checks = [
             ("added p50 latency at c=1", s.median("added_p50_c1"), TARGETS["added_p50_c1_ms"], "ms", True),
@@ -627,7 +692,7 @@ def verdicts(results: dict[str, Samples]) -> list[str]:
         for name, value, target, unit, at_most in checks:
             met = value <= target if at_most else value >= target
             bound = "<=" if at_most else ">="
-            lines.append(f"{HEADINGS[route]:<11} {name:<38} {'met' if met else 'NOT MET':<8}"
+            lines.append(f"{heading(route):<11} {name:<38} {'met' if met else 'NOT MET':<8}"
                          f"{value:.3f} {unit} (target {bound} {target:g} {unit})")
     return lines
 
@@ -643,6 +708,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run warmpool from this checkout, e.g. to compare a change (default: this one)")
     parser.add_argument("--json", action="store_true", help="also print every per-round figure as JSON")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference proxy with no logic")
+    parser.add_argument("--nginx", action="store_true", help="also measure nginx (proxy_buffering off) as a column")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run warmpool from this checkout, in the same rounds (a before/after table)")
+    parser.add_argument("--wide", type=int, help="streams at once for the wide chunk-delay rows (default 256; 0: none)")
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reference", metavar="UPSTREAM", help=argparse.SUPPRESS)
     parser.add_argument("--chunks", type=int, default=CHUNKS, help=argparse.SUPPRESS)
@@ -654,7 +723,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     base = QUICK if args.quick else Settings()
     rounds = args.rounds if args.rounds is not None else base.rounds
     return Settings(rounds=max(1, rounds), requests_c1=base.requests_c1, requests_c16=base.requests_c16,
-                    warmup=base.warmup, streams=base.streams, chunks=args.chunks, gap=args.gap)
+                    warmup=base.warmup, streams=base.streams, chunks=args.chunks, gap=args.gap,
+                    wide=base.wide if args.wide is None else max(0, args.wide))
 
 
 def event_loop_runner() -> Callable[..., object]:
@@ -672,18 +742,27 @@ def raise_on_sigterm() -> None:
 
 
 def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool,
-              with_reference: bool) -> int:
+              with_reference: bool, with_nginx: bool = False, baseline: Path | None = None) -> int:
     def progress(text: str) -> None:
         print(f"  {text} ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
 
     began = time.monotonic()
     with children() as started, tempfile.TemporaryDirectory(prefix="warmpool-bench-") as workdir:
         upstream = start_upstream(started, settings)
-        proxy = start_warmpool(started, upstream, Path(workdir), source)
-        reference = start_reference(started, upstream, source) if with_reference else None
-        progress(f"upstream {upstream}, warmpool {proxy.url} from {source}; {settings.rounds} rounds")
+        targets: dict[str, tuple[Child, str]] = {}
+        for tree, suffix in [(source, ""), *([(baseline, BEFORE)] if baseline is not None else [])]:
+            place = Path(workdir) / (suffix or "now")
+            place.mkdir()
+            proxy = start_warmpool(started, upstream, place, tree)
+            progress(f"warmpool {proxy.url} from {tree}")
+            targets.update({route + suffix: (proxy, ROUTES[route]) for route in routes})
+            if with_reference:
+                targets["reference" + suffix] = (start_reference(started, upstream, tree), ROUTES["openai"])
+        if with_nginx:
+            targets["nginx"] = (start_nginx(started, upstream, Path(workdir)), ROUTES["openai"])
+        progress(f"upstream {upstream}; {settings.rounds} rounds")
         run = event_loop_runner()
-        results = run(measure(upstream, proxy, routes, reference, settings, progress))
+        results = run(measure(upstream, targets, settings, progress))
     print(f"\nwarmpool overhead, {os.cpu_count()} CPUs, {settings.rounds} rounds, "
           f"c=1: {settings.requests_c1} "
           f"requests, c=16: {settings.requests_c16}, streams: {settings.streams} x {settings.chunks} chunks "
@@ -709,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_on_sigterm()
     routes = [args.only] if args.only else list(ROUTES)
     try:
-        return benchmark(settings, routes, args.source.resolve(), args.json, not args.no_reference)
+        return benchmark(settings, routes, args.source.resolve(), args.json, not args.no_reference, args.nginx,
+                         args.baseline.resolve() if args.baseline else None)
     except KeyboardInterrupt:
         print("interrupted; child processes stopped", file=sys.stderr)
         return 130

@@ -1,162 +1,35 @@
-"""The front door (warmpool's own HTTP/1.1 server for the proxied routes) against real loopback clients
-that send exact bytes: which requests it takes and which it hands to aiohttp (with the connection and
-every byte buffered), keep-alive, pipelining, bodies in pieces, chunked and bodiless answers, a client
-that leaves, a cut answer, the idle timeout, and shutdown; and, against h11, that every head it takes
-is one a strict parser reads the same way."""
+"""The front door (warmpool's HTTP/1.1 server, every route) against real loopback clients that send exact
+bytes: keep-alive, pipelining, bodies in pieces, chunked requests and answers, bodiless answers, a client
+that leaves, a cut answer, the idle and head timeouts, and shutdown. Hostile heads, the limits and the
+parser differential against h11 are in test_http_hostile.py and test_reliability_*.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-import h11
 import pytest
-from aiohttp import web
 
 from tests.splits import bytewise
-from warmpool.http import server as frontdoor
 from warmpool.http.exchange import Incoming, Reply
-from warmpool.http.server import INCOMPLETE, Head, Lane, parse_head
+from warmpool.http.server import Lane, Limits
 
-PATHS = frozenset({"/api/chat", "/v1/chat/completions", "/api/tags"})
 LIMIT = 1000
-
-
-def takes(path: str) -> bool:
-    return path in PATHS
-
-
-def head_of(raw: bytes, limit: int = LIMIT) -> Head | str | None:
-    return parse_head(raw, takes, limit)
-
-
-# -- which heads the front door takes (pure) -----------------------------------------------------------------
-
-def test_takes_a_plain_post_and_keeps_the_raw_query_and_headers() -> None:
-    raw = (b"POST /api/chat?x=1&y=%2F HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nX-Warmpool-Phase: plan\r\n"
-           b"x-warmpool-phase: other\r\n\r\n{}")
-    head = head_of(raw)
-    assert isinstance(head, Head)
-    assert (head.method, head.path, head.query, head.content_length, head.close) == (
-        "POST", "/api/chat", "x=1&y=%2F", 2, False)
-    assert head.size == raw.index(b"{}")
-    assert head.fields.get("X-WARMPOOL-PHASE") == "plan"  # any case; the first of repeated fields
-    assert head.fields.get("Authorization", "") == ""
-    assert head.raw_headers[2] == (b"X-Warmpool-Phase", b"plan")
-
-
-def test_connection_close_is_noted() -> None:
-    head = head_of(b"GET /api/tags HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n")
-    assert isinstance(head, Head) and head.close and head.content_length == 0
-
-
-def test_an_unfinished_head_needs_more_bytes_until_it_is_too_long() -> None:
-    assert head_of(b"POST /api/chat HTTP/1.1\r\nHost: a\r\n") == INCOMPLETE
-    assert head_of(b"POST /api/chat HTTP/1.1\r\nX: " + b"a" * frontdoor.MAX_HEAD) is None
-
-
-@pytest.mark.parametrize("raw", [
-    b"POST /api/chat HTTP/1.0\r\nContent-Length: 0\r\n\r\n",  # not HTTP/1.1
-    b"HEAD /api/tags HTTP/1.1\r\n\r\n",  # a method it does not take
-    b"OPTIONS * HTTP/1.1\r\n\r\n",
-    b"POST http://a/api/chat HTTP/1.1\r\n\r\n",  # absolute form
-    b"POST /healthz HTTP/1.1\r\n\r\n",  # not a proxied path
-    b"POST /api/%63hat HTTP/1.1\r\n\r\n",  # escapes in the path: aiohttp decodes them
-    b"POST //api/chat HTTP/1.1\r\n\r\n",
-    b"POST /api/./chat HTTP/1.1\r\n\r\n",
-    b"POST /api/chat#x HTTP/1.1\r\n\r\n",
-    b"POST  /api/chat HTTP/1.1\r\n\r\n",  # two spaces
-    b"POST /api/chat HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
-    b"GET /api/tags HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",  # repeated
-    b"POST /api/chat HTTP/1.1\r\nContent-Length: +2\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nContent-Length: 0x2\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nContent-Length: 1001\r\n\r\n",  # over the limit: aiohttp answers 413
-    b"POST /api/chat HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",  # obs-fold
-    b"POST /api/chat HTTP/1.1\r\nX-A : 1\r\n\r\n",  # space before the colon
-    b"POST /api/chat HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n",  # a bare LF
-    b"POST /api/chat HTTP/1.1\r\nX-A: 1\rX-B: 2\r\n\r\n",  # a bare CR
-    b"POST /api/chat HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",  # a control character
-    b"POST /api/chat HTTP/1.1\r\nNo colon here\r\n\r\n",
-    b"POST /api/chat HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n",  # too many fields
-])
-def test_declines_what_it_does_not_fully_understand(raw: bytes) -> None:
-    assert head_of(raw) is None
-
-
-BASES = [
-    b"POST /api/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n",
-    b"GET /api/tags?x=1 HTTP/1.1\r\nHost: localhost:11435\r\nAccept: */*\r\nUser-Agent: t/1\r\n\r\n",
-    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: b\r\nAuthorization: Bearer k\r\nContent-Length: 10\r\n"
-     b"X-Warmpool-Phase:  plan \r\n\r\n"),
-]
-NASTY = b"\r\n\t :/%.?#aA0\x00\x7f\x80\xff-,"
-
-
-def mutated(rng: random.Random, raw: bytes) -> bytes:
-    """`raw` with one to three random edits: a byte inserted, deleted or replaced, or a line doubled."""
-    out = bytearray(raw)
-    for _ in range(rng.randint(1, 3)):
-        op, at = rng.random(), rng.randrange(len(out) - 4)
-        if op < 0.4:
-            out.insert(at, rng.choice(NASTY))
-        elif op < 0.7:
-            del out[at]
-        elif op < 0.85:
-            out[at] = rng.choice(NASTY)
-        else:
-            lines = bytes(out).split(b"\r\n")
-            line = rng.randrange(1, max(2, len(lines) - 2))
-            lines.insert(line, lines[line])
-            out = bytearray(b"\r\n".join(lines))
-    return bytes(out)
-
-
-def test_every_head_it_takes_is_one_a_strict_parser_reads_the_same_way() -> None:
-    """Differential check against h11 (a strict HTTP/1.1 parser): of thousands of mangled heads, each one
-    the front door takes must be valid to h11 with the same method, target and fields. (h11 also demands
-    a Host field, which neither the front door nor aiohttp requires.)"""
-    rng = random.Random(20261130)
-    taken = 0
-    for _ in range(4000):
-        raw = mutated(rng, rng.choice(BASES))
-        head = head_of(raw)
-        if not isinstance(head, Head):
-            continue
-        taken += 1
-        connection = h11.Connection(h11.SERVER)
-        connection.receive_data(raw)
-        try:
-            event = connection.next_event()
-        except h11.RemoteProtocolError as exc:
-            assert "Host" in str(exc), (raw, exc)
-            continue
-        assert isinstance(event, h11.Request), raw
-        target = head.path.encode() + (b"?" + head.query.encode() if head.query else b"")
-        assert (event.method, event.target.removesuffix(b"?")) == (head.method.encode(), target), raw
-        assert list(event.headers) == [(name.lower(), value) for name, value in head.raw_headers], raw
-        assert head.content_length == int(dict(event.headers).get(b"content-length", b"0")), raw
-    assert taken > 500  # the mutations must leave plenty that are taken, or this tests nothing
 
 
 # -- on a socket ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Door:
-    """A front door on loopback, in front of an aiohttp server that says it answered."""
+    """A front door on loopback."""
 
     lane: Lane
     port: int
-    seen: list[str] = field(default_factory=list)  # "front PATH" or "aiohttp PATH", in order
+    seen: list[str] = field(default_factory=list)  # "front PATH", in order
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
@@ -172,27 +45,17 @@ async def echo(request: Incoming, reply: Reply) -> None:
 
 
 @pytest.fixture
-async def door() -> AsyncIterator[Callable[[Handler], Awaitable[Door]]]:
+async def door() -> AsyncIterator[Callable[..., Awaitable[Door]]]:
     servers: list[asyncio.Server] = []
-    runners: list[web.ServerRunner] = []
 
-    async def start(handle: Handler) -> Door:
+    async def start(handle: Handler, limits: Limits | None = None) -> Door:
         seen: list[str] = []
 
         async def front(request: Incoming, reply: Reply) -> None:
             seen.append(f"front {request.path}")
             await handle(request, reply)
 
-        async def fallback(request: web.BaseRequest) -> web.Response:
-            seen.append(f"aiohttp {request.path}")
-            return web.Response(text=f"aiohttp {request.method} {request.path} {(await request.read()).decode()}",
-                                headers={"X-Served-By": "aiohttp"})
-
-        runner = web.ServerRunner(web.Server(fallback))
-        await runner.setup()
-        runners.append(runner)
-        lane = Lane(front, takes, LIMIT)
-        lane.fallback = runner.server
+        lane = Lane(front, limits or Limits(max_body=LIMIT))
         server = await asyncio.get_running_loop().create_server(lane.protocol, "127.0.0.1", 0)
         servers.append(server)
         return Door(lane, server.sockets[0].getsockname()[1], seen)
@@ -200,8 +63,6 @@ async def door() -> AsyncIterator[Callable[[Handler], Awaitable[Door]]]:
     yield start
     for server in servers:
         server.close()
-    for runner in runners:
-        await runner.cleanup()
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -256,54 +117,31 @@ async def test_a_request_sent_byte_by_byte_is_read_whole(door: Callable[[Handler
     writer.close()
 
 
-async def test_hands_the_connection_to_aiohttp_at_the_first_request_it_declines(
-        door: Callable[[Handler], Awaitable[Door]]) -> None:
-    d = await door(echo)
-    reader, writer = await d.connect()
-    writer.write(post("/api/chat", b"a"))
-    assert b"X-Served-By: front" in (await read_answer(reader))[0]
-    # declined (not a proxied path), pipelined with a proxied one: both reach aiohttp, bytes intact
-    writer.write(post("/healthz", b"b") + post("/api/chat", b"c"))
-    assert (await read_answer(reader))[1] == b"aiohttp POST /healthz b"
-    assert (await read_answer(reader))[1] == b"aiohttp POST /api/chat c"
-    assert d.seen == ["front /api/chat", "aiohttp /healthz", "aiohttp /api/chat"]
-    assert not d.lane.connections  # no longer the front door's
-    writer.close()
-
-
-def test_the_hand_over_works_on_uvloop_too() -> None:
-    """warmpool runs on uvloop (app.run): the transport's protocol switch must work there as well."""
+def test_it_serves_on_uvloop_too() -> None:
+    """warmpool runs on uvloop (app.run): pipelined requests and answers work there as well."""
     import uvloop
 
     async def scenario() -> list[bytes]:
-        async def fallback(request: web.BaseRequest) -> web.Response:
-            return web.Response(text=f"aiohttp {request.path} {(await request.read()).decode()}")
-
-        runner = web.ServerRunner(web.Server(fallback))
-        await runner.setup()
-        lane = Lane(echo, takes, LIMIT)
-        lane.fallback = runner.server
+        lane = Lane(echo, Limits(max_body=LIMIT))
         server = await asyncio.get_running_loop().create_server(lane.protocol, "127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-        writer.write(post("/api/chat", b"a"))
-        bodies = [(await read_answer(reader))[1]]
-        writer.write(post("/healthz", b"b") + post("/api/chat", b"c"))
-        bodies += [(await read_answer(reader))[1] for _ in range(2)]
+        writer.write(post("/api/chat", b"a") + post("/healthz", b"b"))
+        bodies = [(await read_answer(reader))[1] for _ in range(2)]
         writer.close()
         server.close()
-        await runner.cleanup()
         return bodies
 
-    first, *handed = uvloop.run(scenario())
-    assert json.loads(first)["body"] == "a"
-    assert handed == [b"aiohttp /healthz b", b"aiohttp /api/chat c"]
+    assert [json.loads(body)["body"] for body in uvloop.run(scenario())] == ["a", "b"]
 
 
-async def test_a_chunked_request_goes_to_aiohttp_which_reads_it(door: Callable[[Handler], Awaitable[Door]]) -> None:
+async def test_a_chunked_request_is_read_whole(door: Callable[[Handler], Awaitable[Door]]) -> None:
     d = await door(echo)
     reader, writer = await d.connect()
-    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-    assert (await read_answer(reader))[1] == b"aiohttp POST /api/chat abc"
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"3\r\nabc\r\n1;x=y\r\nd\r\n0\r\n\r\n")
+    assert json.loads((await read_answer(reader))[1])["body"] == "abcd"
+    writer.write(post("/api/chat", b"next"))  # and the connection goes on
+    assert json.loads((await read_answer(reader))[1])["body"] == "next"
     writer.close()
 
 
@@ -396,11 +234,9 @@ async def test_an_answer_the_handler_never_finished_is_not_passed_off_as_whole(
 
 
 @pytest.fixture
-async def impatient(door: Callable[[Handler], Awaitable[Door]],
-                    monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection to an echoing front door whose idle timeout is 0.2 s."""
-    monkeypatch.setattr(frontdoor, "KEEPALIVE_SECONDS", 0.2)
-    return await (await door(echo)).connect()
+async def impatient(door: Callable[..., Awaitable[Door]]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to an echoing front door whose idle and head timeouts are 0.2 s."""
+    return await (await door(echo, Limits(max_body=LIMIT, keepalive=0.2, header_timeout=0.2))).connect()
 
 
 async def test_an_idle_connection_is_closed(impatient: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
@@ -435,7 +271,7 @@ async def test_a_head_never_finished_is_dropped(impatient: tuple[asyncio.StreamR
         rest = await asyncio.wait_for(reader.read(), 5)  # times out (and fails) if it stays open
     except ConnectionError:
         rest = b""  # closed while the client was still writing
-    assert rest == b""
+    assert rest == b"" or rest.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     writer.close()
 
 
@@ -479,4 +315,45 @@ async def test_shutdown_drops_exchanges_that_outlive_the_timeout(door: Callable[
     await asyncio.sleep(0.1)
     await d.lane.drain(0.2)
     assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_head_gets_the_head_alone_and_the_connection_goes_on(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(echo)
+    reader, writer = await d.connect()
+    writer.write(b"HEAD /api/tags HTTP/1.1\r\nHost: a\r\n\r\n" + post("/api/chat", b"after"))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: " in head
+    assert json.loads((await read_answer(reader))[1])["body"] == "after"  # no body came between
+    writer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(echo)
+    reader, writer = await d.connect()
+    writer.write(b"POST /api/chat HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"{}")
+    assert json.loads((await read_answer(reader))[1])["body"] == "{}"
+    writer.close()
+
+
+async def test_an_upgrade_request_is_answered_then_closed(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(echo)
+    reader, writer = await d.connect()
+    writer.write(b"GET /api/tags HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x00\x01")
+    head, _ = await read_answer(reader)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_an_http10_stream_ends_at_the_close(door: Callable[[Handler], Awaitable[Door]]) -> None:
+    d = await door(streamed)
+    reader, writer = await d.connect()
+    writer.write(b"POST /api/chat HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     writer.close()

@@ -10,9 +10,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from warmpool.admin import routes as admin
@@ -22,11 +22,13 @@ from warmpool.admin.residency import add_residency_route
 from warmpool.backends import make_backend
 from warmpool.backends.base import Backend
 from warmpool.config import Config
-from warmpool.errors import ListenError
-from warmpool.http import aiohttp_fallback, server
+from warmpool.errors import ListenError, WarmpoolError
+from warmpool.http import server
+from warmpool.http.exchange import Answer
+from warmpool.http.routes import Routes
 from warmpool.metrics import Metrics
 from warmpool.proxy import routing
-from warmpool.proxy.handler import Proxy
+from warmpool.proxy.handler import Proxy, error_answer
 from warmpool.ramtier.tier import RamTier
 from warmpool.ramtier.weights import SearchRoots, discover_all
 from warmpool.scheduling import residency
@@ -35,19 +37,26 @@ from warmpool.scheduling.preload import preload
 
 log = logging.getLogger("warmpool.app")
 
-CONFIG = web.AppKey("config", Config)
-BACKENDS = web.AppKey("backends", dict)
-SCHEDULER = web.AppKey("scheduler", Scheduler)
-METRICS = web.AppKey("metrics", Metrics)
-PROXY = web.AppKey("proxy", Proxy)
-RAMTIER = web.AppKey("ramtier", object)  # RamTier | None
-FRONT_DOOR = web.AppKey("front_door", server.Lane)
-PRELOAD = web.AppKey("preload", asyncio.Task)
-AGENT = web.AppKey("agent", Agent)
+
+@dataclass
+class App:
+    """Everything one running warmpool holds; `door` is the HTTP server every route is served by."""
+
+    cfg: Config
+    backends: dict[str, Backend]
+    scheduler: Scheduler
+    metrics: Metrics
+    proxy: Proxy
+    tier: RamTier | None
+    agent: Agent
+    routes: Routes
+    door: server.Lane
+    preload: asyncio.Task[list[str]] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
-    """A ready-to-run application; nothing starts until the aiohttp runner sets it up."""
+def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> App:
+    """A ready-to-run application; nothing starts until `start_app`."""
     metrics = Metrics(registry or CollectorRegistry())
     backends = {name: make_backend(b, cfg) for name, b in cfg.backends.items()}
     tier = build_ram_tier(cfg, in_backend=lambda: occupying(scheduler))
@@ -57,22 +66,19 @@ def create_app(cfg: Config, *, registry: CollectorRegistry | None = None) -> web
     if tier is not None:
         sources.append(lambda: ram_tier_metrics(tier))
     metrics.add_state(sources)
-    app = web.Application(client_max_size=cfg.max_body_size, handler_args={"max_field_size": 65536})
-    app[CONFIG], app[BACKENDS], app[SCHEDULER], app[METRICS], app[PROXY] = cfg, backends, scheduler, metrics, proxy
-    app[RAMTIER] = tier
-    app[AGENT] = agent = Agent(cfg.balancer, scheduler)
-    app.cleanup_ctx.append(_agent_lifecycle)  # first in, last out: it says "drain" until the very end
-    app[FRONT_DOOR] = server.Lane(proxy.handle, routing.is_known_path, cfg.max_body_size)
-    app.cleanup_ctx.append(_backends_lifecycle)
-    app.on_shutdown.append(_stop_admitting)
-    app.on_shutdown.append(_finish_front_door)
-    admin.add_routes(app, cfg, backends, scheduler, metrics, tier, draining=lambda: agent.draining)
-    add_residency_route(app, scheduler, tier, agent, admin.admin_keys(cfg))
-    handle = aiohttp_fallback.handler(proxy.handle, cfg.max_body_size)
-    for path in sorted(routing.INFERENCE | routing.MODEL_ADMIN | routing.LISTINGS):
-        app.router.add_route("*", path, handle)  # a fixed path resolves in one dict lookup
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    agent = Agent(cfg.balancer, scheduler)
+    routes = Routes(proxy.handle)  # warmpool's own endpoints; every other path is the proxy's
+    admin.add_routes(routes, cfg, backends, scheduler, metrics, tier, draining=lambda: agent.draining)
+    add_residency_route(routes, scheduler, tier, agent, admin.admin_keys(cfg))
+    door = server.Lane(routes, server.Limits.standard(cfg.max_body_size), refusal)
+    return App(cfg, backends, scheduler, metrics, proxy, tier, agent, routes, door)
+
+
+def refusal(status: int, message: str, path: str) -> Answer:
+    """A request the server refuses before routing (malformed, too large, too slow), in its path's dialect."""
+    error = WarmpoolError(message)
+    error.status = status
+    return error_answer(error, routing.dialect_of(path) if path else "ollama")
 
 
 def build_ram_tier(cfg: Config, in_backend: Callable[[], set[str]]) -> RamTier | None:
@@ -90,65 +96,57 @@ def occupying(scheduler: Scheduler) -> set[str]:
     return {name for pool in scheduler.pools.values() for name, s in pool.models.items() if s.occupies}
 
 
-async def _agent_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    await app[AGENT].start()
-    yield
-    await app[AGENT].close()
-
-
-async def _backends_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    backends: dict[str, Backend] = app[BACKENDS]
-    await asyncio.gather(*(b.start() for b in backends.values()))
-    await residency.sync_residency(app[SCHEDULER], backends)
-    tier = app[RAMTIER]
-    if isinstance(tier, RamTier):
-        await tier.start()
-    app[PRELOAD] = asyncio.create_task(preload(app[SCHEDULER], app[CONFIG], app[METRICS]), name="preload")
-    tasks = [app[PRELOAD]]
-    tasks += [
-        asyncio.create_task(residency.watch(app[SCHEDULER].pools[name], b, app[METRICS]), name=f"watch:{name}")
-        for name, b in backends.items() if b.expires_models
+async def start_app(app: App) -> None:
+    """Start what serves before the listener opens: the balancer agent, the backends (and what watches
+    them), the RAM tier, the preload."""
+    await app.agent.start()
+    await asyncio.gather(*(b.start() for b in app.backends.values()))
+    await residency.sync_residency(app.scheduler, app.backends)
+    if app.tier is not None:
+        await app.tier.start()
+    app.preload = asyncio.create_task(preload(app.scheduler, app.cfg, app.metrics), name="preload")
+    app.tasks += [
+        asyncio.create_task(residency.watch(app.scheduler.pools[name], b, app.metrics), name=f"watch:{name}")
+        for name, b in app.backends.items() if b.expires_models
     ]
-    yield
-    for task in tasks:
+
+
+async def stop_app(app: App, listener: asyncio.Server | None) -> None:
+    """SIGTERM, after the balancer's drain delay: one deadline of `timeouts.shutdown` for everything the
+    clients see. The listener closes, idle connections close, queued requests get 503; running exchanges
+    get what is left of the deadline, then are dropped; then the backends and the agent stop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + app.cfg.timeouts.shutdown
+    if listener is not None:
+        listener.close()
+    app.door.close()
+    await app.scheduler.close()
+    await app.door.drain(deadline - loop.time())
+    for task in [*app.tasks, *([app.preload] if app.preload is not None else [])]:
         task.cancel()
-    if isinstance(tier, RamTier):
-        await tier.close()
-    results = await asyncio.gather(*(b.close() for b in backends.values()), return_exceptions=True)
-    for backend, result in zip(backends.values(), results, strict=True):
+    if app.tier is not None:
+        await app.tier.close()
+    results = await asyncio.gather(*(b.close() for b in app.backends.values()), return_exceptions=True)
+    for backend, result in zip(app.backends.values(), results, strict=True):
         if isinstance(result, BaseException):
             log.warning("closing backend %s failed: %s", backend.name, result)
-
-
-async def _stop_admitting(app: web.Application) -> None:
-    """SIGTERM, step one: queued requests get 503; running streams go on until shutdown's timeout."""
-    await app[SCHEDULER].close()
-
-
-async def _finish_front_door(app: web.Application) -> None:
-    """SIGTERM, step two: the front door's running exchanges finish (up to the timeout) before the backends
-    stop; aiohttp then does the same for the connections it was handed."""
-    await app[FRONT_DOOR].drain(app[CONFIG].timeouts.shutdown)
+    await app.agent.close()
 
 
 async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
                 on_ready: Callable[[str], None] | None = None, registry: CollectorRegistry | None = None) -> None:
-    """Run warmpool until `shutdown_trigger` returns (default: SIGTERM or SIGINT).
-
-    The socket is the front door's (http/server.py); aiohttp's server gets the connections it hands over."""
+    """Run warmpool until `shutdown_trigger` returns (default: SIGTERM or SIGINT). The socket is the
+    front door's (http/server.py): it serves every route."""
     app = create_app(cfg, registry=registry)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=cfg.timeouts.shutdown,
-                           access_log=None, handle_signals=False)
-    await runner.setup()
-    door = app[FRONT_DOOR]
-    door.fallback = runner.server
-    server: asyncio.Server | None = None
+    listener: asyncio.Server | None = None
     announce: asyncio.Task[None] | None = None
     try:
-        server = await _listen(door.protocol, cfg)
-        url = _bound_url(server, cfg)
+        await start_app(app)
+        listener = await _listen(app.door.protocol, cfg)
+        url = _bound_url(listener, cfg)
         log.info("warmpool listening on %s (config: %s)", url, cfg.source)
-        announce = asyncio.create_task(_announce_ready(app[PRELOAD]), name="announce-ready")
+        assert app.preload is not None
+        announce = asyncio.create_task(_announce_ready(app.preload), name="announce-ready")
         if on_ready:
             on_ready(url)
         await (shutdown_trigger or _signal_trigger)()
@@ -157,10 +155,7 @@ async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]
     finally:
         if announce is not None:
             announce.cancel()
-        if server is not None:
-            server.close()
-        door.close()
-        await runner.cleanup()
+        await stop_app(app, listener)
         log.info("stopped")
 
 
@@ -179,11 +174,11 @@ async def _announce_ready(preload_task: asyncio.Task[list[str]]) -> None:
     loaded = await asyncio.shield(preload_task)
     what = f"preloaded {', '.join(loaded)}" if loaded else "nothing to preload"
     log.info("warmpool ready: %s (%.1f s after listening)", what, time.monotonic() - started)
-async def _drain_first(app: web.Application) -> None:
+async def _drain_first(app: App) -> None:
     """SIGTERM, step zero: tell the balancer at once (agent check: drain; /readyz: 503), and keep serving
     for `balancer.drain_delay` so it stops sending new requests before the listener closes."""
-    app[AGENT].drain()
-    delay = app[CONFIG].balancer.drain_seconds
+    app.agent.drain()
+    delay = app.cfg.balancer.drain_seconds
     if delay > 0:
         log.info("draining for %g s before closing the listener", delay)
         await asyncio.sleep(delay)

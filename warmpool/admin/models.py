@@ -9,35 +9,36 @@ import json
 import time
 from typing import Any
 
-from aiohttp import web
-
 from warmpool.config import Config
 from warmpool.http import auth
+from warmpool.http.exchange import Answer
+from warmpool.http.routes import Call, Failure, Routes
 from warmpool.ramtier.tier import RamTier, RamTierError
 from warmpool.scheduling.pool import Scheduler
 
 PROGRESS_INTERVAL = 0.2  # seconds between progress lines
 
 
-def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, tier: RamTier | None,
+def add_model_routes(routes: Routes, cfg: Config, scheduler: Scheduler, tier: RamTier | None,
                      keys: auth.Keys) -> None:
-    async def models(request: web.Request) -> web.Response:
+    async def models(request: Call) -> Answer:
         require_admin(request, keys)
-        return web.json_response({"models": [model_view(name, cfg, scheduler, tier) for name in cfg.models]})
+        return Answer.json({"models": [model_view(name, cfg, scheduler, tier) for name in cfg.models]})
 
-    async def warm(request: web.Request) -> web.StreamResponse:
+    async def warm(request: Call) -> Answer | None:
         require_admin(request, keys)
         name = known_model(request, cfg)
         active = _tier_or_409(tier)
         if request.query.get("progress"):
-            return await _warm_with_progress(request, active, name)
+            await _warm_with_progress(request, active, name)
+            return None
         try:
             result = await active.warm(name)
         except RamTierError as exc:
             raise _conflict(str(exc)) from None
-        return web.json_response(_warm_answer(name, result.bytes_warmed, result.held, active))
+        return Answer.json(_warm_answer(name, result.bytes_warmed, result.held, active))
 
-    async def evict(request: web.Request) -> web.Response:
+    async def evict(request: Call) -> Answer:
         require_admin(request, keys)
         name = known_model(request, cfg)
         active = _tier_or_409(tier)
@@ -46,34 +47,31 @@ def add_model_routes(app: web.Application, cfg: Config, scheduler: Scheduler, ti
             dropped = await active.evict(name)
         except RamTierError as exc:
             raise _conflict(str(exc)) from None
-        return web.json_response({"model": name, "bytes_dropped": dropped, **_residency(tier, name),
+        return Answer.json({"model": name, "bytes_dropped": dropped, **_residency(tier, name),
                                   "kept": kept})
 
-    app.router.add_get("/warmpool/models", models)
-    app.router.add_post("/warmpool/models/{name}/warm", warm)
-    app.router.add_post("/warmpool/models/{name}/evict", evict)
+    routes.add_get("/warmpool/models", models)
+    routes.add_post("/warmpool/models/{name}/warm", warm)
+    routes.add_post("/warmpool/models/{name}/evict", evict)
 
 
-def known_model(request: web.Request, cfg: Config) -> str:
+def known_model(request: Call, cfg: Config) -> str:
     name = str(request.match_info["name"])
     if name not in cfg.models:
-        raise web.HTTPNotFound(text=json.dumps({"error": f"model '{name}' not found"}),
-                               content_type="application/json")
+        raise Failure.json(404, f"model '{name}' not found")
     return name
 
 
-def require_admin(request: web.Request, keys: auth.Keys) -> None:
+def require_admin(request: Call, keys: auth.Keys) -> None:
     """An admin-grade action: the admin key as a Bearer token (or, with no admin keys, an API key)."""
     if keys.open:
         return
-    verdict = keys.for_admin(auth.presented_key(request.raw_headers))
+    verdict = keys.for_admin(auth.presented_key(request.incoming.raw_headers))
     if verdict is auth.Verdict.UNAUTHORIZED:
         which = "admin" if keys.admin else "API"
-        raise web.HTTPUnauthorized(text=json.dumps({"error": f"missing or invalid {which} key"}),
-                                   content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+        raise Failure.json(401, f"missing or invalid {which} key", {"WWW-Authenticate": "Bearer"})
     if verdict is auth.Verdict.FORBIDDEN:
-        raise web.HTTPForbidden(text='{"error": "an admin key is needed (auth.admin_keys), not an API key"}',
-                                content_type="application/json")
+        raise Failure.json(403, "an admin key is needed (auth.admin_keys), not an API key")
 
 
 def model_view(name: str, cfg: Config, scheduler: Scheduler, tier: RamTier | None) -> dict[str, Any]:
@@ -94,11 +92,11 @@ def model_view(name: str, cfg: Config, scheduler: Scheduler, tier: RamTier | Non
     }
 
 
-async def _warm_with_progress(request: web.Request, tier: RamTier, name: str) -> web.StreamResponse:
+async def _warm_with_progress(request: Call, tier: RamTier, name: str) -> None:
     """NDJSON: {"bytes": n} lines while warming, then the result line (for the CLI's progress bar)."""
     total = _size_of(tier, name)
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
+    response = request.reply
+    await response.start(200, "", [("Content-Type", "application/x-ndjson")], None)
     pending: list[int] = []
     last = [0.0]
 
@@ -110,7 +108,7 @@ async def _warm_with_progress(request: web.Request, tier: RamTier, name: str) ->
             last[0] = time.monotonic()
             await response.write(_line({"bytes": pending[-1], "total": total}))
 
-    task = request.loop.create_task(tier.warm(name, progress))
+    task = asyncio.get_running_loop().create_task(tier.warm(name, progress))
     while not task.done():
         await flush()
         await _wait(task, PROGRESS_INTERVAL)
@@ -119,8 +117,7 @@ async def _warm_with_progress(request: web.Request, tier: RamTier, name: str) ->
         await response.write(_line(_warm_answer(name, result.bytes_warmed, result.held, tier)))
     except RamTierError as exc:
         await response.write(_line({"error": str(exc)}))
-    await response.write_eof()
-    return response
+    await response.end()
 
 
 async def _wait(task: Any, seconds: float) -> None:
@@ -153,5 +150,5 @@ def _tier_or_409(tier: RamTier | None) -> RamTier:
     return tier
 
 
-def _conflict(message: str) -> web.HTTPConflict:
-    return web.HTTPConflict(text=json.dumps({"error": message}), content_type="application/json")
+def _conflict(message: str) -> Failure:
+    return Failure.json(409, message)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from aiohttp import web
-
 from warmpool.admin.agent import Agent
 from warmpool.admin.models import require_admin
 from warmpool.http import auth
+from warmpool.http.exchange import Answer
+from warmpool.http.routes import Call, Routes
 from warmpool.ramtier.tier import RamTier
 from warmpool.scheduling.pool import Scheduler
 
@@ -53,10 +53,10 @@ def residency_view(scheduler: Scheduler, tier: RamTier | None, agent: Agent) -> 
     }
 
 
-def add_residency_route(app: web.Application, scheduler: Scheduler, tier: RamTier | None, agent: Agent,
+def add_residency_route(routes: Routes, scheduler: Scheduler, tier: RamTier | None, agent: Agent,
                         keys: auth.Keys) -> None:
-    async def residency(request: web.Request) -> web.Response:
+    async def residency(request: Call) -> Answer:
         require_admin(request, keys)
-        return web.json_response(residency_view(scheduler, tier, agent))
+        return Answer.json(residency_view(scheduler, tier, agent))
 
-    app.router.add_get("/warmpool/residency", residency)
+    routes.add_get("/warmpool/residency", residency)

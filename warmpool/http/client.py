@@ -1,5 +1,5 @@
 """The data path's HTTP/1.1 client: keep-alive connections to an upstream, each request written in one
-call, the response head parsed once and its body handed on chunk by chunk as it arrives.
+call, the response parsed by llhttp (httptools) and its body handed on chunk by chunk as it arrives.
 
 Why not aiohttp's client here: on the proxy's hot path it cost about 70 µs of the 250 µs warmpool spent
 on each request (benchmarks/overhead.py), for features a reverse proxy does not use (redirects, cookies,
@@ -16,9 +16,11 @@ import time
 from collections import deque
 from urllib.parse import quote
 
+import httptools
 from yarl import URL
 
 MAX_HEAD = 64 * 1024  # bytes of status line and headers an upstream may send
+MAX_FIELDS = 200  # header fields an upstream may send
 HIGH_WATER = 256 * 1024  # body bytes buffered before reading from the upstream pauses
 # An idle connection is not reused after this long: llama.cpp (uvicorn, cpp-httplib) and most servers
 # close idle keep-alive connections after 5 s, and a request written as they close is lost.
@@ -26,7 +28,6 @@ KEEPALIVE_SECONDS = 4.0
 NO_BODY_STATUSES = frozenset({204, 304})
 SAFE_TARGET = "/?&=%:+,;@!$'()*~-._"
 UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")  # non-ASCII, spaces, controls, a fragment
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # int(x, 16) alone would take "-1", "+5", "0x1f", "1_0"
 
 
 class UpstreamBroken(Exception):
@@ -184,16 +185,19 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-# Body framing
-LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2
-# Chunked decoding steps
-SIZE, DATA, DATA_END, TRAILER = 0, 1, 2, 3
+class _HeadEnd(Exception):
+    """Raised from llhttp's headers-complete callback to stop it at the end of a bodiless answer's head
+    (an answer to HEAD declares a length it does not send, and httptools cannot tell llhttp so)."""
 
 
 class Response:
     """An upstream's answer: status, reason and headers once the head is in; the body through readany()
     and read(). close() releases it: back to the pool when the body was read to its end, else the
-    connection is closed, which is how an upstream learns that its client left."""
+    connection is closed, which is how an upstream learns that its client left.
+
+    llhttp (httptools) parses the bytes in strict mode: a status line, header field or chunk it rejects
+    (bare LF, a space in a name, a NUL or other control byte in a value, a bad chunk size, doubled
+    Content-Length) makes the answer an UpstreamBroken, so nothing a client could not parse is relayed."""
 
     def __init__(self, connection: Connection, expect_body: bool, idle_timeout: float,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -207,11 +211,12 @@ class Response:
         self._expect_body = expect_body
         self._idle_timeout = idle_timeout
         self._loop = loop
-        self._buffer = b""  # bytes received but not yet parsed (head, chunk sizes)
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_size = 0  # bytes received before the head was complete
+        self._field_bytes = 0  # bytes of the header fields parsed (a whole head may come in one read)
+        self._reason = b""
         self._head_done = False
-        self._framing = LENGTH
-        self._remaining = 0  # body bytes still due (LENGTH) or of the current chunk (CHUNKED)
-        self._step = SIZE
+        self._until_close = False  # no framing: the body ends where the connection does
         self._keep_alive = True
         self._done = False
         self._error: BaseException | None = None
@@ -289,16 +294,33 @@ class Response:
 
     def feed(self, data: bytes) -> None:
         self.nothing_received = False
+        if self._done:
+            self._keep_alive = False  # bytes after the end: not the start of a next response
+            return
+        if not self._head_done:
+            self._head_size += len(data)
         try:
-            if not self._head_done:
-                data = self._feed_head(data)
-                if not self._head_done:
-                    return
-            if data or self._buffer:
-                self._feed_body(data)
+            self._parser.feed_data(data)
+            if not self._head_done and self._head_size > MAX_HEAD:
+                raise UpstreamBroken(f"response head larger than {MAX_HEAD} bytes")
         except UpstreamBroken as exc:
             self._fail(exc)
             return
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadEnd):
+                self._keep_alive = self._keep_alive and data.endswith(b"\r\n\r\n")  # nothing after the head
+            elif isinstance(cause, UpstreamBroken):
+                self._fail(cause)
+                return
+            else:
+                self._fail(UpstreamBroken(f"invalid response from the upstream: {cause or exc}"))
+                return
+        except httptools.HttpParserError as exc:
+            if not self._done:
+                self._fail(UpstreamBroken(f"invalid response from the upstream: {exc}"))
+                return
+            self._keep_alive = False  # garbage after a complete answer: the connection is not reused
         if self._done:
             self._finish()
         elif self._buffered > HIGH_WATER and not self._paused and self._connection is not None:
@@ -310,7 +332,7 @@ class Response:
         self._connection = None
         if self._done:
             return
-        if self._head_done and self._framing == UNTIL_CLOSE:
+        if self._head_done and self._until_close:
             self._done = True  # the body ends where the connection does
         else:
             reason = f": {exc}" if exc else ""
@@ -328,130 +350,65 @@ class Response:
         if connection is not None:
             connection.finished(self._keep_alive)
 
-    def _feed_head(self, data: bytes) -> bytes:
-        """Parse the status line and headers; returns the bytes after them."""
-        buffer = self._buffer + data if self._buffer else data
-        while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    raise UpstreamBroken(f"response head larger than {MAX_HEAD} bytes")
-                self._buffer = buffer
-                return b""
-            head, buffer = buffer[:end], buffer[end + 4:]
-            self._parse_head(head)
-            if self.status >= 200:
-                break
-            self.headers, self._fields = [], {}  # an interim 1xx answer: the real one follows
-        self._buffer = b""
-        self._choose_framing()  # may refuse the head: only then is it done
-        self._head_done = True
-        return buffer
+    # -- llhttp's callbacks --------------------------------------------------------------------------------
 
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
-            raise UpstreamBroken(f"not an HTTP/1.x response: {lines[0][:80]!r}")
-        self.status, self.reason = int(code), reason
-        if version == "HTTP/1.0":
-            self._keep_alive = False
-        headers, fields = self.headers, self._fields
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise UpstreamBroken(f"malformed response header: {line[:80]!r}")
-            value = value.strip()
-            if not value.isascii():
-                value = _utf8(value)
-            headers.append((name, value))
-            lowered = name.lower()
-            fields[lowered] = f"{fields[lowered]}, {value}" if lowered in fields else value
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
 
-    def _choose_framing(self) -> None:
-        transfer = self.header("Transfer-Encoding")
-        length = self.header("Content-Length")
-        connection = (self.header("Connection") or "").lower()
-        if "close" in connection:
-            self._keep_alive = False
-        elif "keep-alive" in connection:
-            self._keep_alive = True
-        if not self._expect_body or self.status in NO_BODY_STATUSES:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Per field of every answer, so kept lean: llhttp checked the name is a token and the value has no
+        # control bytes, and dropped the value's leading whitespace (not its trailing).
+        self._field_bytes += len(name) + len(value) + 4
+        if self._field_bytes > MAX_HEAD or len(self.headers) >= MAX_FIELDS:
+            raise UpstreamBroken(f"response head over {MAX_HEAD} bytes or {MAX_FIELDS} fields")
+        if value[-1:] in (b" ", b"\t"):
+            value = value.rstrip(b" \t")
+        self.headers.append((name.decode("latin-1"), _text(value)))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # an interim 1xx answer: the real one follows
+            self.headers, self._reason, self._field_bytes = [], b"", 0
+            return
+        self.status = status
+        self.reason = _text(self._reason.rstrip(b" \t"))
+        fields = self._fields
+        for key, text in self.headers:
+            lowered = key.lower()
+            fields[lowered] = f"{fields[lowered]}, {text}" if lowered in fields else text
+        self._keep_alive = self._parser.should_keep_alive()
+        transfer = fields.get("transfer-encoding")
+        if not self._expect_body or status in NO_BODY_STATUSES:
             self.content_length = 0
-            self._done = True
-        elif transfer is not None:
+            self._head_done = self._done = True
+            if not self._expect_body:
+                raise _HeadEnd
+            return
+        if transfer is not None:
             if transfer.lower().rsplit(",", 1)[-1].strip() != "chunked":
                 raise UpstreamBroken(f"unsupported Transfer-Encoding: {transfer!r}")
-            self._framing = CHUNKED
-            if length is not None:
-                self._keep_alive = False  # both framings announced: RFC 9112 §6.3 says close afterwards
-        elif length is not None:
-            if not length.isdigit():
-                raise UpstreamBroken(f"invalid Content-Length: {length!r}")
-            self.content_length = self._remaining = int(length)
-            self._done = self._remaining == 0
+        elif (length := fields.get("content-length")) is not None:
+            self.content_length = int(length)  # llhttp checked it: digits, one value
         else:
-            self._framing = UNTIL_CLOSE
+            self._until_close = True
             self._keep_alive = False
+        self._head_done = True
 
-    def _feed_body(self, data: bytes) -> None:
-        if self._framing == LENGTH:
-            if len(data) > self._remaining:
-                self._keep_alive = False  # more than announced: the rest is garbage, not a next response
-                data = data[:self._remaining]
-            self._remaining -= len(data)
-            self._take(data)
-            self._done = self._remaining == 0
-        elif self._framing == UNTIL_CLOSE:
-            self._take(data)
-        else:
-            self._feed_chunked(self._buffer + data if self._buffer else data)
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
 
-    def _take(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self._buffered += len(data)
-
-    def _feed_chunked(self, data: bytes) -> None:
-        """Undo chunked transfer coding (RFC 9112 §7.1); chunk extensions and trailers are dropped."""
-        position, size = 0, len(data)
-        while position < size and not self._done:
-            if self._step == DATA:
-                take = min(self._remaining, size - position)
-                self._take(data[position:position + take])
-                position += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._step = DATA_END
-                continue
-            end = data.find(b"\r\n", position)
-            if end < 0:
-                if size - position > MAX_HEAD:
-                    raise UpstreamBroken("chunk size line too long")
-                break
-            line = data[position:end]
-            position = end + 2
-            if self._step == SIZE:
-                digits = line.split(b";", 1)[0].strip()
-                if not CHUNK_SIZE.fullmatch(digits):
-                    raise UpstreamBroken(f"invalid chunk size: {line[:40]!r}")
-                self._remaining = int(digits, 16)
-                self._step = DATA if self._remaining else TRAILER
-            elif self._step == DATA_END:
-                if line:
-                    raise UpstreamBroken("chunk not followed by CRLF")
-                self._step = SIZE
-            elif not line:  # TRAILER: an empty line ends the body
-                self._done = True
-        if self._done and position < size:
-            self._keep_alive = False  # bytes after the last chunk: not the start of a next response
-        self._buffer = data[position:] if position < size and not self._done else b""
+    def on_message_complete(self) -> None:
+        if self._head_done:  # not an interim 1xx answer's end
+            self._done = True
 
 
-def _utf8(value: str) -> str:
-    """Header values are read as Latin-1 (every byte survives); UTF-8 ones are turned back into text."""
+def _text(raw: bytes) -> str:
+    """A header value or reason phrase as text: ASCII as it is, UTF-8 decoded, anything else Latin-1 (every
+    byte survives)."""
+    if raw.isascii():
+        return raw.decode("ascii")
     try:
-        return value.encode("latin-1").decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return value
+        return raw.decode("latin-1")

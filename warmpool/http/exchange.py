@@ -1,6 +1,6 @@
 """The client's side of one proxied exchange, whichever server carried it: what the request said
 (`Incoming`) and where the answer goes (`Reply`). The proxy and the relay speak only to these two;
-`server` implements them on the socket itself, `aiohttp_fallback` over aiohttp's request and responses.
+`server` implements them on the socket itself.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Incoming(Protocol):
         ...
 
     async def read(self) -> bytes:
-        """The whole body; raises PayloadTooLarge above the configured limit."""
+        """The whole body (one over `max_body_size` was refused with 413 before the handler ran)."""
         ...
 
 
@@ -56,6 +56,12 @@ class Reply(Protocol):
 
     @property
     def started(self) -> bool: ...
+
+    @property
+    def length_framed(self) -> bool:
+        """Whether the head announced the body's length: such a body can carry nothing after it (an error
+        line there would be read as the start of the next answer), so it is cut by dropping the connection."""
+        ...
 
     async def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
         """Head and body together (one write where the server allows it)."""

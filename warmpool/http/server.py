@@ -1,13 +1,13 @@
-"""The listening socket's own HTTP/1.1 server for the proxied routes.
+"""The listening socket's HTTP/1.1 server: it carries every route warmpool answers (proxied, admin, status
+page, metrics) and owns each connection's whole life: parsing, timeouts, limits and shutdown.
 
-aiohttp's server (request and response objects, router, a task per request) cost about as much CPU per
-request as all of warmpool's own logic; the front door parses request heads itself and writes answers
-straight to the transport. It takes only requests it fully understands: HTTP/1.1, a proxied path in plain
-form, GET, POST or DELETE, a body framed by one Content-Length within the size limit, no
-Transfer-Encoding, Expect or Upgrade, a clean head. At the first request it does not take, it hands the
-connection (with every byte it has buffered) to aiohttp's server, which serves it from then on: so the
-front door only ever declines, never refuses, and anything unusual is parsed, answered or rejected by
-aiohttp as before.
+Every byte a client sends is parsed by llhttp (Node.js's parser, through httptools, as uvicorn uses it) in
+strict mode: a head it rejects (bare LF line ends, a space in a field name, a doubled Content-Length,
+Transfer-Encoding with Content-Length, garbage) is answered 400 and the connection closed; a TLS
+ClientHello is closed at once, since nothing HTTP can answer it. Answers are written straight to the
+transport, one exchange at a time per connection; pipelined requests wait their turn, read ahead up to a
+bound. The limits (`Limits`) apply to every connection the same way; what a client gets beyond each is in
+the README's "Limits" section.
 """
 
 from __future__ import annotations
@@ -15,36 +15,66 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import re
+import resource
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import unquote
 
-from warmpool.http.exchange import Headers, Incoming, Reply, media_type
+import httptools
+
+from warmpool.http.exchange import Answer, Headers, Incoming, Reply, media_type
 from warmpool.http.wire import encode_headers, fits_in_head
 
 log = logging.getLogger("warmpool.frontdoor")
 
 Handle = Callable[[Incoming, Reply], Awaitable[None]]
+# The answer to a request refused before any handler saw it: (status, message, path or "") -> Answer.
+Refusal = Callable[[int, str, str], Answer]
 
-MAX_HEAD = 65536  # bytes; a longer head goes to aiohttp, which answers it (431/400)
-MAX_FIELDS = 100
-MAX_PIPELINED = 1 << 20  # bytes buffered behind a running exchange before reading pauses
-KEEPALIVE_SECONDS = 75.0  # aiohttp's default: an idle connection is closed after this long
-# Headers whose presence means a request the front door does not take (aiohttp handles them).
-DECLINED_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-# The whole head in one match: a request line with a method it takes and a target in origin form with no
-# percent-escapes in its path (aiohttp decodes those; the query passes on as sent), then fields that are
-# a token, a colon and a value of tabs, visible ASCII and obs-text (so no obs-fold, no bare CR or LF, no
-# control characters). Groups: method, path, query, fields.
-HEAD_SHAPE = re.compile(
-    rb"(GET|POST|DELETE) (/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)(?:\?([A-Za-z0-9._~!$&'()*+,;=:@/?%-]*))? HTTP/1\.1"
-    rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
-# One field of a head HEAD_SHAPE accepted: its name and its value without surrounding whitespace.
-FIELD = re.compile(rb"\r\n([^:]+):[ \t]*((?:[^\r]*[^\r \t])?)[ \t]*")
-INCOMPLETE = "incomplete"
+MAX_PIPELINED = 1 << 20  # bytes of requests read ahead behind a running exchange before reading pauses
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS record carrying a ClientHello
+# The limits every connection gets (Limits.standard reads them when the server is built).
+MAX_HEAD = 65536  # bytes of request line and header fields -> 431
+MAX_FIELDS = 100  # header fields -> 431
+KEEPALIVE_SECONDS = 75.0  # an idle connection is closed this long after its last answer
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its head -> 408
+BODY_GRACE = 10.0  # seconds a request body may take ...
+BODY_RATE = 16384.0  # ... plus one per this many bytes of it -> 408
+MAX_CONNECTIONS = 0  # open client connections; 0: half the file-descriptor limit, at most 10,000 -> 503
+
+
+def default_max_connections() -> int:
+    """Half the process's file-descriptor limit (the rest is for upstream connections, model files and
+    logs), at most 10,000: beyond it a new connection gets 503 instead of starving everyone of fds."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(10_000, soft // 2)) if soft != resource.RLIM_INFINITY else 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one connection may take; the same for every connection."""
+
+    max_body: int  # bytes of request body (config: max_body_size) -> 413
+    max_head: int = MAX_HEAD
+    max_fields: int = MAX_FIELDS
+    keepalive: float = KEEPALIVE_SECONDS
+    header_timeout: float = HEADER_TIMEOUT
+    body_grace: float = BODY_GRACE
+    body_rate: float = BODY_RATE
+    max_connections: int = MAX_CONNECTIONS
+
+    @classmethod
+    def standard(cls, max_body: int) -> Limits:
+        """The module's limits as they are now (tests shorten them)."""
+        return cls(max_body, MAX_HEAD, MAX_FIELDS, KEEPALIVE_SECONDS, HEADER_TIMEOUT, BODY_GRACE, BODY_RATE,
+                   MAX_CONNECTIONS)
+
+    def connections_cap(self) -> int:
+        return self.max_connections or default_max_connections()
 
 
 class Fields:
@@ -64,80 +94,54 @@ class Fields:
 _KEYS: dict[str, bytes] = {}  # the few names looked up, lower-cased and encoded once
 
 
-@dataclass(slots=True)
-class Head:
-    """A request head the front door takes."""
-
-    method: str
-    path: str
-    query: str
-    raw_headers: list[tuple[bytes, bytes]]
-    fields: Fields
-    content_length: int
-    close: bool  # the client asked to close after this exchange
-    size: int  # bytes of the head, blank line included
-
-
-def parse_head(buffer: bytes | bytearray, takes: Callable[[str], bool], limit: int) -> Head | str | None:
-    """The head at the start of `buffer`: a `Head` the front door takes, INCOMPLETE when more bytes are
-    needed to tell, or None when aiohttp should have the request."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        return None if len(buffer) > MAX_HEAD else INCOMPLETE
-    shape = HEAD_SHAPE.fullmatch(bytes(memoryview(buffer)[:end])) if end <= MAX_HEAD else None
-    if shape is None:
-        return None
-    method, target_path, query, fields = shape.groups(b"")
-    if b"//" in target_path or b"/." in target_path or not takes(path := target_path.decode("ascii")):
-        return None
-    raw: list[tuple[bytes, bytes]] = FIELD.findall(fields)
-    by_name = {name.lower(): value for name, value in reversed(raw)}  # the first of repeated fields wins
-    if len(raw) > MAX_FIELDS or (len(by_name) < len(raw) and _repeats_framing(raw)):
-        return None
-    # A malformed Content-Length, or one over the limit, goes to aiohttp (which answers 400 or 413).
-    length = by_name.get(b"content-length", b"0")
-    if not length.isdigit() or len(length) > 18 or int(length) > limit or not DECLINED_FIELDS.isdisjoint(by_name):
-        return None
-    connection = by_name.get(b"connection", b"").lower()
-    if b"upgrade" in connection:
-        return None
-    return Head(method.decode("ascii"), path, query.decode("ascii"), raw, Fields(by_name), int(length),
-                b"close" in connection, end + 4)
-
-
-def _repeats_framing(raw: list[tuple[bytes, bytes]]) -> bool:
-    """Whether Content-Length or Host is given twice (which one would the upstream believe?)."""
-    names = [name.lower() for name, _ in raw]
-    return names.count(b"content-length") > 1 or names.count(b"host") > 1
-
-
 class Request:
-    """`exchange.Incoming` for a request the front door read whole."""
+    """`exchange.Incoming` for a request read whole (head and body)."""
 
-    __slots__ = ("body", "content_length", "headers", "method", "path", "peer", "query", "raw_headers")
+    __slots__ = ("body", "content_length", "headers", "keep_alive", "method", "path", "peer", "query",
+                 "raw_headers", "size", "version")
 
-    def __init__(self, head: Head, body: bytes, peer: str = "") -> None:
-        self.peer = peer
-        self.method, self.path, self.query = head.method, head.path, head.query
-        self.headers = head.fields
-        self.raw_headers = head.raw_headers
-        self.content_length = head.content_length
+    def __init__(self, method: str, path: str, query: str, raw_headers: list[tuple[bytes, bytes]],
+                 fields: Fields, content_length: int | None, body: bytes, peer: str, keep_alive: bool,
+                 version: str) -> None:
+        self.method, self.path, self.query = method, path, query
+        self.raw_headers = raw_headers
+        self.headers = fields
+        self.content_length = content_length
         self.body = body
+        self.peer = peer
+        self.keep_alive = keep_alive
+        self.version = version
+        self.size = len(body)  # bytes it holds while it waits its turn (its head added by the server)
 
     async def read(self) -> bytes:
         return self.body
 
 
-class Lane:
-    """What the front door's connections share: the handler they run, aiohttp's server they hand over
-    to, and the set of them (for shutdown)."""
+class Refused(Exception):
+    """A request the server answers itself, with `status`, and then closes the connection."""
 
-    def __init__(self, handle: Handle, takes: Callable[[str], bool], limit: int) -> None:
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def plain_refusal(status: int, message: str, path: str) -> Answer:
+    return Answer.json({"error": message}, status=status)
+
+
+class Lane:
+    """What the server's connections share: the handler they run, their limits, and the set of them (for
+    the connection cap and shutdown)."""
+
+    def __init__(self, handle: Handle, limits: Limits, refusal: Refusal = plain_refusal) -> None:
         self.handle = handle
-        self.takes = takes
-        self.limit = limit
-        self.fallback: Callable[[], asyncio.Protocol] | None = None  # aiohttp's server, once it is set up
+        self.limits = limits
+        self.cap = limits.connections_cap()
+        self.refusal = refusal
         self.connections: set[Connection] = set()
+        self.refused_over_cap = 0
+        self.cap_logged_at = -1e9
         self.closing = False
         self._all_closed: asyncio.Event | None = None
 
@@ -146,7 +150,10 @@ class Lane:
         return Connection(self)
 
     def close(self) -> None:
-        """Shutdown, step one: idle connections close now, busy ones when their exchange ends."""
+        """Shutdown, step one: idle connections close now, busy ones when their exchange ends, new ones at
+        once."""
+        if self.closing:
+            return
         self.closing = True
         self._all_closed = asyncio.Event()
         for connection in list(self.connections):
@@ -155,11 +162,10 @@ class Lane:
 
     async def drain(self, timeout: float) -> None:
         """Shutdown, step two: wait up to `timeout` for running exchanges, then drop what is left."""
-        if self._all_closed is None:
-            self.close()
+        self.close()
         assert self._all_closed is not None
         try:
-            await asyncio.wait_for(self._all_closed.wait(), timeout)
+            await asyncio.wait_for(self._all_closed.wait(), max(0.0, timeout))
         except TimeoutError:
             log.warning("%d connection(s) still busy after %g s; dropping them", len(self.connections), timeout)
             for connection in list(self.connections):
@@ -174,21 +180,42 @@ class Lane:
             self._all_closed.set()
 
 
+# Where a connection's parser is between and within requests (what its one deadline measures).
+IDLE, HEAD, BODY = 0, 1, 2
+
+
 class Connection(asyncio.Protocol):
-    """One client connection: reads a request, runs it, and reads the next only once it is answered."""
+    """One client connection: llhttp parses what arrives; complete requests run one at a time."""
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
+        self.limits = lane.limits
         self.transport: asyncio.Transport | None = None
         self.peer = ""  # the client's host, for the scheduler's sessions
-        self.buffer = bytearray()
-        self.pending: Head | None = None  # a head whose body is still arriving
+        self.parser = httptools.HttpRequestParser(self)
+        # The request being parsed.
+        self.state = IDLE
+        self.url = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0  # bytes received since the request began, while its head is incomplete
+        self.head_bytes = 0  # bytes of its request target and fields, once the head is complete
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        self.body_started = 0.0
+        self.request_keep_alive = True
+        self.fields = Fields({})
+        # Requests parsed and waiting for their turn, and the one running.
+        self.waiting: deque[Request | Refused] = deque()
+        self.waiting_bytes = 0
         self.exchange: asyncio.Task[None] | None = None
+        self.stopped_parsing = False  # after an error or an upgrade: nothing more is read as HTTP
         self.reading_paused = False
         self.writing_paused = False
         self.drained: asyncio.Future[None] | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.idle_deadline = 0.0
+        # One timer re-checking a moving deadline: a timer armed and cancelled per request costs more.
+        self.deadline = 0.0
+        self.period = min(self.limits.header_timeout, self.limits.body_grace, self.limits.keepalive)
+        self.timer: asyncio.TimerHandle | None = None
         # Kept: on Python 3.11 every asyncio.get_running_loop() is a getpid() system call.
         self.loop = asyncio.get_running_loop()
 
@@ -196,20 +223,57 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        lane = self.lane
+        if lane.closing:  # arrived together with shutdown: closed at once, it holds nothing up
+            self.transport = None
+            transport.close()
+            return
+        if len(lane.connections) >= lane.cap:
+            lane.refused_over_cap += 1
+            now = self.loop.time()
+            if now - lane.cap_logged_at >= 10.0:  # a flood is one line per 10 s, not one per connection
+                lane.cap_logged_at = now
+                log.warning("connections refused (503): %d open, the cap; %d refused so far", len(lane.connections),
+                            lane.refused_over_cap)
+            self.transport = None
+            transport.write(self._refusal_bytes(503, "too many open connections; try again later"))  # type: ignore[attr-defined]
+            transport.close()
+            return
         self.peer = str((transport.get_extra_info("peername") or ("",))[0])
-        self.lane.connections.add(self)
-        self._arm_idle_timer()
+        lane.connections.add(self)
+        self._set_deadline(self.limits.keepalive)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
+        if self.stopped_parsing or self.transport is None:
+            return
+        if self.state == IDLE and not self.waiting and self.exchange is None and data[0] == TLS_HANDSHAKE:
+            log.info("TLS handshake from %s on a plain-HTTP port; connection closed", self.peer)
+            self.transport.abort()
+            return
+        if self.state != BODY:
+            self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+            if self.state == HEAD and self.head_size > self.limits.max_head:
+                raise Refused(431, f"request head larger than {self.limits.max_head} bytes")
+        except httptools.HttpParserUpgrade:
+            self.stopped_parsing = True  # the rest is not HTTP; the request itself is answered, then closed
+        except Refused as refused:
+            self._refuse(refused)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, Refused) else Refused(400, f"malformed request: {exc}"))
+        except httptools.HttpParserError as exc:
+            self._refuse(Refused(400, f"malformed request: {exc}"))
         if self.exchange is None:
             self._next()
-        elif len(self.buffer) > MAX_PIPELINED and not self.reading_paused:
-            self._pause_reading()
+        elif self.waiting_bytes > MAX_PIPELINED and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._cancel_idle_timer()
+        self._cancel_timer()
         if self.exchange is not None:
             self.exchange.cancel()  # the client left: its upstream request is cancelled with it
         if self.drained is not None and not self.drained.done():
@@ -224,26 +288,127 @@ class Connection(asyncio.Protocol):
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
+    # -- llhttp's callbacks ------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.state = HEAD
+        self.url = b""
+        self.raw_headers = []
+        self.body_parts = []
+        self.body_size = 0
+        self.deadline = self.loop.time() + self.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_head:
+            raise Refused(414, f"request target longer than {self.limits.max_head} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+        if len(self.raw_headers) > self.limits.max_fields:
+            raise Refused(431, f"more than {self.limits.max_fields} header fields")
+
+    def on_headers_complete(self) -> None:
+        limits = self.limits
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise Refused(505, f"HTTP/{version} is not supported; speak HTTP/1.1")
+        by_name: dict[bytes, bytes] = {}
+        hosts = 0
+        size = len(self.url)
+        for name, value in self.raw_headers:  # one pass: the head's size, the fields by name, the Host count
+            size += len(name) + len(value) + 4
+            key = name.lower()
+            if key == b"host":
+                hosts += 1
+            by_name.setdefault(key, value)
+        self.head_bytes = size
+        if size > limits.max_head:
+            raise Refused(431, f"request head larger than {limits.max_head} bytes")
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            raise Refused(400, "an HTTP/1.1 request needs exactly one Host header")
+        length = by_name.get(b"content-length")
+        if length is not None and int(length) > limits.max_body:
+            raise Refused(413, f"request body of {int(length)} bytes exceeds the limit of {limits.max_body}")
+        expect = by_name.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise Refused(417, "only Expect: 100-continue is understood")
+            # Only at the head of the line: behind a running exchange it would land inside that answer
+            # (the client sends the body anyway once its wait for 100 runs out).
+            at_turn = self.exchange is None and not self.waiting
+            if at_turn and self.transport is not None and (length is None or int(length) > 0):
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.fields = Fields(by_name)
+        self.request_keep_alive = self.parser.should_keep_alive() and not self.parser.should_upgrade()
+        self.state = BODY
+        self.body_started = self.loop.time()
+        self.deadline = self.body_started + limits.body_grace
+
+    def on_body(self, body: bytes) -> None:
+        self.body_parts.append(body)
+        self.body_size += len(body)
+        if self.body_size > self.limits.max_body:
+            raise Refused(413, f"request body exceeds the limit of {self.limits.max_body} bytes")
+        self.deadline = self.body_started + self.limits.body_grace + self.body_size / self.limits.body_rate
+
+    def on_message_complete(self) -> None:
+        target = self.url
+        path, _, query = target.partition(b"?")
+        if not path.startswith(b"/"):
+            # absolute form (a proxy's request line): its path; anything else (authority form, "*") is
+            # answered by the router as a path it does not know
+            try:
+                parsed = httptools.parse_url(target)
+                path, query = parsed.path or b"/", parsed.query or b""
+            except httptools.HttpParserInvalidURLError:
+                path, query = target, b""
+        body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
+        length = len(body) if self.fields.by_name.get(b"transfer-encoding") is None else None
+        request = Request(self.parser.get_method().decode("ascii"), _path(path), query.decode("latin-1"),
+                          self.raw_headers, self.fields, length, body, self.peer, self.request_keep_alive,
+                          self.parser.get_http_version())
+        request.size += self.head_bytes
+        self.waiting.append(request)
+        self.waiting_bytes += request.size
+        self.state = IDLE
+        self.head_size = 0
+        self.body_parts = []
+        self.deadline = self.loop.time() + self.limits.keepalive
+
     # -- requests ----------------------------------------------------------------------------------------
 
+    def _refuse(self, refused: Refused) -> None:
+        """Stop reading: what came before the bad request is still answered, then the refusal, then close."""
+        self.stopped_parsing = True
+        self.waiting.append(refused)
+        log.info("refused a request from %s: %d %s", self.peer or "?", refused.status, refused.message)
+
     def _next(self) -> None:
-        """At a request boundary with nothing running: start the buffered request, if it is all here."""
-        head = self.pending or parse_head(self.buffer, self.lane.takes, self.lane.limit)
-        if head is INCOMPLETE:
+        """At a request boundary with nothing running: start the next parsed request, if any."""
+        if not self.waiting:
+            if self.stopped_parsing and self.transport is not None:
+                self.transport.close()  # an upgrade's rest is not read as HTTP
             return
-        if head is None:
-            return self._hand_over()
-        assert isinstance(head, Head)
-        end = head.size + head.content_length
-        if len(self.buffer) < end:
-            self.pending = head
-            self._arm_idle_timer()  # a body still arriving is not idleness; a head never finished is
+        item = self.waiting.popleft()
+        if isinstance(item, Refused):
+            self.waiting.clear()
+            if self.transport is not None:
+                path = self.url.partition(b"?")[0].decode("latin-1") if self.url.startswith(b"/") else ""
+                self.transport.write(self._refusal_bytes(item.status, item.message, path))
+                self.transport.close()
             return
-        self.pending = None
-        body = bytes(memoryview(self.buffer)[head.size:end])
-        del self.buffer[:end]
-        reply = SocketReply(self, keep_alive=not head.close)
-        self.exchange = self.loop.create_task(self._run(Request(head, body, self.peer), reply))
+        self.waiting_bytes -= item.size
+        reply = SocketReply(self, keep_alive=item.keep_alive, head_only=item.method == "HEAD",
+                            http10=item.version == "1.0")
+        self.exchange = self.loop.create_task(self._run(item, reply))
+
+    def _refusal_bytes(self, status: int, message: str, path: str = "") -> bytes:
+        answer = self.lane.refusal(status, message, path)
+        head = b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\n%bConnection: close\r\n%b\r\n" % (
+            status, _reason(status, ""), len(answer.body), _date_line(),
+            encode_headers([("Content-Type", answer.content_type), *answer.headers]))
+        return head + answer.body
 
     async def _run(self, request: Request, reply: SocketReply) -> None:
         try:
@@ -257,33 +422,27 @@ class Connection(asyncio.Protocol):
             self._exchange_done(reply)
 
     def _exchange_done(self, reply: SocketReply) -> None:
-        if self.transport is None:
+        transport = self.transport
+        if transport is None:
             return
         if not reply.ended:
-            self.transport.abort()  # an answer cut short must not pass for a whole one
+            transport.abort()  # an answer cut short must not pass for a whole one
         elif not reply.keep_alive or self.lane.closing:
-            self.transport.close()
+            transport.close()
         else:
-            if self.reading_paused:
+            if self.reading_paused and self.waiting_bytes <= MAX_PIPELINED:
                 self.reading_paused = False
-                self.transport.resume_reading()
-            self._arm_idle_timer()
-            if self.buffer:
-                self._next()  # a pipelined request
-
-    def _hand_over(self) -> None:
-        """Give the connection, and what it has buffered, to aiohttp's server for good."""
-        transport, fallback = self.transport, self.lane.fallback
-        assert transport is not None and fallback is not None
-        self._cancel_idle_timer()
-        self.lane.forget(self)
-        if self.reading_paused:
-            transport.resume_reading()
-        protocol = fallback()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        data, self.buffer, self.transport = bytes(self.buffer), bytearray(), None
-        protocol.data_received(data)
+                transport.resume_reading()
+            now = self.loop.time()
+            if self.state == IDLE:
+                self.deadline = now + self.limits.keepalive
+            elif self.state == HEAD:
+                self.deadline = max(self.deadline, now + self.limits.header_timeout)
+            else:
+                self.body_started = max(self.body_started, now - self.body_size / self.limits.body_rate)
+                self.deadline = self.body_started + self.limits.body_grace + self.body_size / self.limits.body_rate
+            self._arm()
+            self._next()  # a pipelined request, or a refusal behind the answered ones
 
     # -- writing -----------------------------------------------------------------------------------------
 
@@ -300,7 +459,7 @@ class Connection(asyncio.Protocol):
     # -- lifetime ----------------------------------------------------------------------------------------
 
     def close_if_idle(self) -> None:
-        if self.exchange is None and self.transport is not None:
+        if self.exchange is None and not self.waiting and self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
@@ -309,59 +468,83 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _pause_reading(self) -> None:
-        assert self.transport is not None
-        self.reading_paused = True
-        self.transport.pause_reading()
+    def _set_deadline(self, seconds: float) -> None:
+        self.deadline = self.loop.time() + seconds
+        self._arm()
 
-    def _arm_idle_timer(self) -> None:
-        # One timer that re-checks a moving deadline: a timer armed and cancelled per request costs more.
-        loop = self.loop
-        self.idle_deadline = loop.time() + KEEPALIVE_SECONDS
-        if self.idle_timer is None:
-            self.idle_timer = loop.call_at(self.idle_deadline, self._idle_check)
+    def _arm(self) -> None:
+        # At the deadline, or sooner: a request's head or body may begin meanwhile and bring the deadline
+        # closer, and moving the timer at every request would cost more than an early wake-up.
+        if self.timer is None:
+            self.timer = self.loop.call_at(min(self.deadline, self.loop.time() + self.period), self._check_deadline)
 
-    def _idle_check(self) -> None:
-        self.idle_timer = None
-        if self.exchange is not None:
+    def _check_deadline(self) -> None:
+        self.timer = None
+        if self.exchange is not None or self.transport is None:
             return  # re-armed when the exchange ends
-        if self.loop.time() >= self.idle_deadline:
+        if self.loop.time() < self.deadline:
+            self._arm()
+            return
+        if self.state == IDLE:
             self.close_if_idle()
         else:
-            self.idle_timer = self.loop.call_at(self.idle_deadline, self._idle_check)
+            what = "head" if self.state == HEAD else "body"
+            log.info("request %s from %s too slow; connection closed", what, self.peer or "?")
+            self.stopped_parsing = True
+            self.transport.write(self._refusal_bytes(408, f"request {what} not received in time"))
+            self.transport.close()
 
-    def _cancel_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def _path(raw: bytes) -> str:
+    """The path as routes see it: percent-escapes decoded (as aiohttp did), invalid UTF-8 replaced."""
+    text = raw.decode("latin-1")
+    return unquote(text, errors="replace") if "%" in text else text
 
 
 class SocketReply:
-    """`exchange.Reply` written straight to a front-door connection."""
+    """`exchange.Reply` written straight to a connection."""
 
-    __slots__ = ("chunked", "connection", "content_type", "ended", "keep_alive", "status")
+    __slots__ = ("chunked", "connection", "content_type", "ended", "head_only", "http10", "keep_alive",
+                 "status", "until_close")
 
-    def __init__(self, connection: Connection, keep_alive: bool) -> None:
+    def __init__(self, connection: Connection, keep_alive: bool, head_only: bool = False,
+                 http10: bool = False) -> None:
         self.connection = connection
         self.keep_alive = keep_alive
+        self.head_only = head_only  # a HEAD request: the head as for GET, no body
+        self.http10 = http10  # an HTTP/1.0 client: no chunked coding, a body of unknown size ends at close
         self.status = 0
         self.content_type = ""
         self.chunked = False
+        self.until_close = False
         self.ended = False
 
     @property
     def started(self) -> bool:
         return self.status != 0
 
+    @property
+    def length_framed(self) -> bool:
+        """Whether the body's length went out in the head: such a body cannot carry an error after it."""
+        return self.started and not self.chunked and not self.until_close
+
     async def whole(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
         self._begin(status, headers)
+        connection = self.connection
         if _bodiless(status):
-            self.connection.write(self._head(status, reason, headers, b""))
+            connection.write(self._head(status, reason, headers, b""))
+        elif self.head_only:
+            connection.write(self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body)))
         else:
-            self.connection.write(self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body)) + body)
+            connection.write(self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body)) + body)
         self.ended = True
-        if self.connection.writing_paused:
-            await self.connection.drain()
+        if connection.writing_paused:
+            await connection.drain()
 
     async def start(self, status: int, reason: str, headers: Headers, length: int | None) -> None:
         self._begin(status, headers)
@@ -369,9 +552,13 @@ class SocketReply:
             framing, self.ended = b"", True
         elif length is not None:
             framing = b"Content-Length: %d\r\n" % length
+        elif self.http10:
+            framing, self.until_close, self.keep_alive = b"", True, False
         else:
             framing, self.chunked = b"Transfer-Encoding: chunked\r\n", True
         self.connection.write(self._head(status, reason, headers, framing))
+        if self.head_only:
+            self.ended = True
         if self.connection.writing_paused:
             await self.connection.drain()
 
@@ -402,11 +589,13 @@ class SocketReply:
         self.status, self.content_type = status, media_type(headers)
 
     def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
-        close = b"" if self.keep_alive and not self.connection.lane.closing else b"Connection: close\r\n"
-        if close:
+        if not self.keep_alive or self.connection.lane.closing:
             self.keep_alive = False
+            connection = b"Connection: close\r\n"
+        else:
+            connection = b"Connection: keep-alive\r\n" if self.http10 else b""
         return b"HTTP/1.1 %d %b\r\n%b%b%b%b\r\n" % (status, _reason(status, reason), framing, _date_line(),
-                                                    close, encode_headers(headers))
+                                                    connection, encode_headers(headers))
 
 
 def _bodiless(status: int) -> bool:
@@ -417,7 +606,7 @@ _PHRASES = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
 
 def _reason(status: int, given: str) -> bytes:
-    if given and fits_in_head(given):
+    if given and fits_in_head(given) and given.isprintable():
         return given.encode("utf-8", "replace")
     return _PHRASES.get(status, b"Unknown")
 

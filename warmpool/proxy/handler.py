@@ -1,6 +1,6 @@
 """The data path: one handler that routes, leases, forwards and relays, and renders every error in the
 client's dialect. It sees the client only through `exchange.Incoming` and `exchange.Reply`, so the
-front door and aiohttp's server both carry it.
+front door (http/server.py) carries it.
 
 Streams are relayed chunk by chunk as they arrive; nothing is buffered. An Ollama-dialect request for a
 model on an OpenAI-speaking backend (managed llama.cpp, openai) is translated on the way in and out.

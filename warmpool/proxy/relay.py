@@ -1,7 +1,8 @@
 """Relaying an upstream response to the client: status, headers and body chunk by chunk, unbuffered,
 optionally translated (dialects/transforms.py). A failure after the headers went out is reported inside the
-stream in the client's dialect, since the status can no longer change. A body whose first read is the
-whole of it (a typical non-streamed answer) goes out with its headers in a single write.
+stream in the client's dialect, since the status can no longer change (a chunked stream only: a body
+framed by Content-Length is cut by closing the connection). A body whose first read is the whole of it
+(a typical non-streamed answer) goes out with its headers in a single write.
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ def upstream_failure(backend: str, exc: BaseException) -> BackendError:
 async def _report_mid_stream(reply: Reply, error: WarmpoolError, dialect: str = "") -> None:
     """The status is already sent: end the stream with an error in the dialect's streaming shape
     (Ollama: a final {"error"} line; OpenAI SSE: a data: {"error": {...}} event; Anthropic: an `error`
-    event, the only one its SDK raises on)."""
-    if reply.content_type not in STREAM_TYPES:
-        raise error  # a truncated JSON body: the proxy drops the connection so it cannot pass for whole
+    event, the only one its SDK raises on). A body whose length the head announced cannot carry it: the
+    error is raised and the proxy drops the connection, so the client sees a body cut short."""
+    if reply.content_type not in STREAM_TYPES or reply.length_framed:
+        raise error  # a truncated body: the proxy drops the connection so it cannot pass for whole
     if reply.content_type == "application/x-ndjson":
         await reply.write(json.dumps(error.ollama_body()).encode() + b"\n")
     elif dialect == "anthropic":
