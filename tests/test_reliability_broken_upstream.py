@@ -193,3 +193,29 @@ async def test_a_garbage_chunk_size_cuts_the_body_visibly_and_the_proxy_goes_on(
     client = await Client.open(port)
     assert (await client.post("/v1/chat/completions", CHAT))[0] == 200
     client.close()
+
+
+# -- an upstream answer nested deeper than a translation can read ---------------------------------------------
+
+DEEP = b'{"choices": [{"message": {"content": ' + b"[" * 5000 + b"]" * 5000 + b"}}]}"
+
+
+async def test_a_deeply_nested_upstream_answer_is_a_502_when_translated(broken: tuple[BrokenUpstream, int]) -> None:
+    """Ollama's dialect on an OpenAI upstream reads the answer to translate it: JSON too deep to read is the
+    upstream's fault (502 in the client's dialect), not warmpool's (500)."""
+    upstream, port = broken
+    upstream.script = Script(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(DEEP), DEEP))
+    client = await Client.open(port)
+    status, _, body, complete = await client.post("/api/chat", {**CHAT, "stream": False})
+    assert (status, complete) == (502, True), body
+    assert "cannot translate" in json.loads(body)["error"]
+    event = b"data: " + DEEP + b"\n\n"
+    upstream.script = Script(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(event), event))
+    status, _, body, complete = await client.post("/api/chat", {**CHAT, "stream": True})
+    assert (status, complete) == (200, True)
+    assert "error" in json.loads(body.splitlines()[-1])  # the stream ends with Ollama's error line
+    upstream.script = Script(GOOD)
+    assert (await client.post("/v1/chat/completions", CHAT))[0] == 200  # and it keeps serving
+    client.close()

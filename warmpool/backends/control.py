@@ -83,5 +83,5 @@ async def read_json(resp: aiohttp.ClientResponse, backend: str) -> Any:
         raise BackendError(backend, f"{resp.url.path} answered {resp.status}: {data[:300].decode(errors='replace')}")
     try:
         return json.loads(data) if data else None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested too deep to read
         raise BackendError(backend, f"{resp.url.path} sent invalid JSON: {exc}") from exc

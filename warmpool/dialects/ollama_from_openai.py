@@ -501,7 +501,7 @@ class OllamaStreamTranslator:
             return self._complete()
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             event = None
         if is_error or (isinstance(event, dict) and "error" in event):
             return self._fail(_error_message(event if event is not None else data))
@@ -583,7 +583,7 @@ def _decode(raw: bytes) -> Any:
     text = raw.decode("utf-8", "replace").strip()
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 

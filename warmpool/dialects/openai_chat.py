@@ -139,7 +139,7 @@ class ChatStreamReader:
             return self._end()
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             chunk = None
         if name == "error" or (isinstance(chunk, dict) and "error" in chunk):
             return self._fail(error_message(chunk if isinstance(chunk, dict) else data.encode()), 500)

@@ -516,7 +516,7 @@ class OpenAIStreamTranslator:
             return []
         try:
             obj = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             obj = None
         if not isinstance(obj, dict):
             return self._fail({"error": f"upstream sent a malformed stream line: {line[:200]!r}"})

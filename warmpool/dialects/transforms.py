@@ -83,7 +83,7 @@ class OpenAIFromOllama:
     def error_body(self, raw: bytes, status: int) -> bytes:
         try:
             body = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             body = {"error": raw.decode(errors="replace")}
         error = ollama_from_openai.ollama_error_to_openai(body if isinstance(body, dict) else {}, status)
         return json.dumps(error).encode()

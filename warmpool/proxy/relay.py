@@ -113,7 +113,7 @@ async def _translate_chunks(upstream: Upstream, reply: Reply, backend: str, stre
 def _whole(transform: Transform, raw: bytes, backend: str) -> bytes:
     try:
         return transform.whole_body(raw)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise BackendError(backend, f"upstream sent an answer warmpool cannot translate: {exc}") from exc
 
 

@@ -59,7 +59,7 @@ def read_count(raw: bytes) -> int | None:
     """{"count": n} (llama-cpp-python) or {"tokens": [...]} (llama-server, llama-cpp-python's /extras/tokenize)."""
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
