@@ -431,3 +431,35 @@ async def test_a_doubled_content_length_is_refused(serve) -> None:
                                  pause=5))
     with pytest.raises(UpstreamBroken, match="Content-Length"):
         await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+
+
+async def test_a_second_answer_in_the_same_read_is_not_taken_for_the_next_one(serve) -> None:
+    # The connection's parser lives as long as it does: bytes after a complete answer must not start
+    # the next request's answer, nor touch the answer already read.
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                     b"HTTP/1.1 201 Created\r\nX-Extra: 1\r\nContent-Length: 3\r\n\r\nbad")
+        await writer.drain()
+
+    server = await serve(script)
+    pool = origin(server.url)
+    first = await pool.request("GET", "/", b"", b"", timeout=30)
+    assert first.status == 200 and await first.read() == b"ok"
+    assert first.headers == [("Content-Length", "2")]
+    second = await pool.request("GET", "/", b"", b"", timeout=30)
+    assert second.status == 200 and await second.read() == b"ok"
+    assert server.connections == 2  # the first connection was not trusted again
+    pool.close()
+
+
+async def test_many_answers_on_one_kept_connection(serve) -> None:
+    server = await serve(sent_in([CHUNKED]))
+    pool = origin(server.url)
+    for _ in range(5):
+        response = await pool.request("GET", "/", b"", b"", timeout=30)
+        assert await response.read() == b'{"a":1}{"b":22}\n\n'
+    head = await pool.request("GET", "/", b"", b"", timeout=30)
+    assert head.header("content-type") == "application/x-ndjson"
+    await head.read()
+    assert server.connections == 1
+    pool.close()
