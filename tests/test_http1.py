@@ -266,6 +266,29 @@ async def test_silence_after_the_head_is_a_timeout(serve) -> None:
     response.close()
 
 
+async def test_silence_is_timed_on_a_kept_connection_whatever_its_earlier_waits(serve) -> None:
+    # One timer per connection serves the waits of all its answers: a wait shorter than the earlier ones
+    # must not be left to a later timer, and a timer left from an earlier wait must not cut a longer one.
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        if index in (0, 2):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        else:
+            await asyncio.sleep(30)
+
+    loop = asyncio.get_running_loop()
+    for first, second in ((30.0, 0.2), (0.1, 0.6)):
+        server = await serve(script)
+        pool = origin(server.url)
+        assert await (await pool.request("GET", "/", b"", b"", timeout=first)).read() == b"ok"
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", "/", b"", b"", timeout=second)
+        assert second - 0.05 <= loop.time() - started < second + 2
+        assert server.connections == 1
+        pool.close()
+
+
 async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
     server = await serve(sent_then_closed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
     response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)

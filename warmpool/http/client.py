@@ -146,6 +146,10 @@ class Connection(asyncio.Protocol):
         # one per answer cost about 1.3 µs (a parser made, and a reference cycle with its answer).
         self.parser = httptools.HttpResponseParser(self)
         self.fields: list[tuple[bytes, bytes]] = []  # the raw header fields of the head being parsed
+        # One timer for the silences of all its answers, re-armed only when it fires early: a timer armed
+        # and cancelled for every wait cost more (each answer waits at least once, a stream once a chunk).
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -168,6 +172,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.origin.open_connections -= 1
         self.origin.discard(self)
         if self.response is not None:
@@ -187,6 +194,23 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+    def watch(self, until: float) -> None:
+        """Make sure the timer fires by `until` (loop time), when the waiting answer's silence runs out."""
+        if self.timer is None or self.timer_at > until:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = until
+            self.timer = self.loop.call_at(until, self._check_silence)
+
+    def _check_silence(self) -> None:
+        self.timer = None
+        response = self.response
+        if response is not None and response._waiter is not None:  # else nobody waits: the timer rests
+            if self.loop.time() >= response._wait_until:
+                response._timed_out()
+            else:
+                self.watch(response._wait_until)
 
     # -- llhttp's callbacks, for self.response (set whenever bytes are fed) --------------------------------
 
@@ -261,6 +285,7 @@ class Response:
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self._wait_until = 0.0  # loop time the current wait gives up at
 
     # -- reading (the relay's side) ------------------------------------------------------------------------
 
@@ -268,7 +293,7 @@ class Response:
         while not self._head_done:
             if self._error is not None:
                 raise self._error
-            await self._wait(deadline - self._loop.time())
+            await self._wait(deadline)
 
     def header(self, name: str) -> str | None:
         """A header's value (repeated ones joined with ", "), or None."""
@@ -282,7 +307,7 @@ class Response:
                 raise self._error
             if self._done:
                 return b""
-            await self._wait(self._idle_timeout)
+            await self._wait(self._loop.time() + self._idle_timeout)
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -304,24 +329,32 @@ class Response:
             connection.response = None
             connection.abort()  # mid-body: the upstream must see the client go
 
-    async def _wait(self, timeout: float) -> None:
-        """Until the connection has news for this response; TimeoutError after `timeout` seconds. A bare
-        timer on the future, not asyncio.timeout: every proxied request waits here at least once."""
-        if timeout <= 0:
-            raise TimeoutError
+    async def _wait(self, until: float) -> None:
+        """Until the connection has news for this response; TimeoutError at `until` (loop time). A future
+        and the connection's timer (Connection.watch), not asyncio.timeout: every answer waits here."""
         loop = self._loop
+        if until <= loop.time():
+            raise TimeoutError
+        self._wait_until = until
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, self._silent, waiter)
+        connection = self._connection
+        if connection is not None and connection.response is self:
+            connection.watch(until)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            return
+        timer = loop.call_at(until, self._timed_out)  # released by its connection: nothing will come
         try:
             await waiter
         finally:
             self._waiter = None
             timer.cancel()
 
-    @staticmethod
-    def _silent(waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_exception(TimeoutError())
+    def _timed_out(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(TimeoutError())
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
