@@ -486,3 +486,22 @@ async def test_many_answers_on_one_kept_connection(serve) -> None:
     await head.read()
     assert server.connections == 1
     pool.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 40], ids=["one write", "many writes"])
+async def test_a_head_over_the_limit_is_refused_however_it_arrives(serve, pieces: int) -> None:
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (index, b"v" * 1000) for index in range(70))  # 70 kB, 70 fields
+    head = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok"
+    size = -(-len(head) // pieces)
+    server = await serve(sent_in([head[at:at + size] for at in range(0, len(head), size)]))
+    with pytest.raises(UpstreamBroken, match="larger than"):
+        await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+
+
+async def test_a_head_just_under_the_limit_with_a_large_body_in_the_same_read_is_taken(serve) -> None:
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (index, b"v" * 1000) for index in range(60))  # 61 kB
+    body = b"b" * 200_000
+    server = await serve(sent_in([b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: %d\r\n\r\n" % len(body)
+                                  + body]))
+    response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+    assert len(response.headers) == 61 and await response.read() == body

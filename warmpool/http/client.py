@@ -434,11 +434,13 @@ class Response:
         if status < 200:  # an interim 1xx answer: the real one follows
             self._reason = b""
             return
-        size = len(self._reason)
+        # The head lies within the bytes received so far: only when those are over the limit can it be.
+        if self._head_size > MAX_HEAD and len(self._reason) + sum(
+                len(name) + len(value) + 4 for name, value in fields) > MAX_HEAD:
+            raise UpstreamBroken(f"response head larger than {MAX_HEAD} bytes")
         headers = self.headers
         by_name = self._fields
         for name, value in fields:
-            size += len(name) + len(value) + 4
             if value[-1:] in (b" ", b"\t"):  # llhttp dropped the value's leading whitespace, not its trailing
                 value = value.rstrip(b" \t")
             key = name.decode("latin-1")
@@ -446,8 +448,6 @@ class Response:
             headers.append((key, text))
             lowered = key.lower()
             by_name[lowered] = f"{by_name[lowered]}, {text}" if lowered in by_name else text
-        if size > MAX_HEAD:
-            raise UpstreamBroken(f"response head larger than {MAX_HEAD} bytes")
         self.status = status
         self.reason = _text(self._reason.rstrip(b" \t"))
         self._keep_alive = parser.should_keep_alive()
