@@ -266,6 +266,29 @@ async def test_silence_after_the_head_is_a_timeout(serve) -> None:
     response.close()
 
 
+async def test_silence_is_timed_on_a_kept_connection_whatever_its_earlier_waits(serve) -> None:
+    # One timer per connection serves the waits of all its answers: a wait shorter than the earlier ones
+    # must not be left to a later timer, and a timer left from an earlier wait must not cut a longer one.
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        if index in (0, 2):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        else:
+            await asyncio.sleep(30)
+
+    loop = asyncio.get_running_loop()
+    for first, second in ((30.0, 0.2), (0.1, 0.6)):
+        server = await serve(script)
+        pool = origin(server.url)
+        assert await (await pool.request("GET", "/", b"", b"", timeout=first)).read() == b"ok"
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", "/", b"", b"", timeout=second)
+        assert second - 0.05 <= loop.time() - started < second + 2
+        assert server.connections == 1
+        pool.close()
+
+
 async def test_dropped_mid_body_is_an_error_not_a_short_body(serve) -> None:
     server = await serve(sent_then_closed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
     response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
@@ -431,3 +454,54 @@ async def test_a_doubled_content_length_is_refused(serve) -> None:
                                  pause=5))
     with pytest.raises(UpstreamBroken, match="Content-Length"):
         await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+
+
+async def test_a_second_answer_in_the_same_read_is_not_taken_for_the_next_one(serve) -> None:
+    # The connection's parser lives as long as it does: bytes after a complete answer must not start
+    # the next request's answer, nor touch the answer already read.
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                     b"HTTP/1.1 201 Created\r\nX-Extra: 1\r\nContent-Length: 3\r\n\r\nbad")
+        await writer.drain()
+
+    server = await serve(script)
+    pool = origin(server.url)
+    first = await pool.request("GET", "/", b"", b"", timeout=30)
+    assert first.status == 200 and await first.read() == b"ok"
+    assert first.headers == [("Content-Length", "2")]
+    second = await pool.request("GET", "/", b"", b"", timeout=30)
+    assert second.status == 200 and await second.read() == b"ok"
+    assert server.connections == 2  # the first connection was not trusted again
+    pool.close()
+
+
+async def test_many_answers_on_one_kept_connection(serve) -> None:
+    server = await serve(sent_in([CHUNKED]))
+    pool = origin(server.url)
+    for _ in range(5):
+        response = await pool.request("GET", "/", b"", b"", timeout=30)
+        assert await response.read() == b'{"a":1}{"b":22}\n\n'
+    head = await pool.request("GET", "/", b"", b"", timeout=30)
+    assert head.header("content-type") == "application/x-ndjson"
+    await head.read()
+    assert server.connections == 1
+    pool.close()
+
+
+@pytest.mark.parametrize("pieces", [1, 40], ids=["one write", "many writes"])
+async def test_a_head_over_the_limit_is_refused_however_it_arrives(serve, pieces: int) -> None:
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (index, b"v" * 1000) for index in range(70))  # 70 kB, 70 fields
+    head = b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok"
+    size = -(-len(head) // pieces)
+    server = await serve(sent_in([head[at:at + size] for at in range(0, len(head), size)]))
+    with pytest.raises(UpstreamBroken, match="larger than"):
+        await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+
+
+async def test_a_head_just_under_the_limit_with_a_large_body_in_the_same_read_is_taken(serve) -> None:
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (index, b"v" * 1000) for index in range(60))  # 61 kB
+    body = b"b" * 200_000
+    server = await serve(sent_in([b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: %d\r\n\r\n" % len(body)
+                                  + body]))
+    response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+    assert len(response.headers) == 61 and await response.read() == body

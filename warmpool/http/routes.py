@@ -76,15 +76,20 @@ class Routes:
     def add_post(self, pattern: str, endpoint: Endpoint) -> None:
         self.add("POST", pattern, endpoint)
 
-    async def __call__(self, incoming: Incoming, reply: Reply) -> None:
+    def __call__(self, incoming: Incoming, reply: Reply) -> Awaitable[None]:
+        """The coroutine that serves the request: the proxy's own for a path not in the table (not wrapped
+        in one more coroutine: every proxied request passes here)."""
         path = incoming.path
         methods = self.fixed.get(path)
         match_info: dict[str, str] = {}
         if methods is None and self.patterns and path.startswith("/warmpool/"):
             methods, match_info = self._match(path)
         if methods is None:
-            await self.fallback(incoming, reply)
-            return
+            return self.fallback(incoming, reply)
+        return self._serve(incoming, reply, path, methods, match_info)
+
+    async def _serve(self, incoming: Incoming, reply: Reply, path: str, methods: dict[str, Endpoint],
+                     match_info: dict[str, str]) -> None:
         method = incoming.method
         endpoint = methods.get("GET" if method == "HEAD" else method)
         if endpoint is None:
