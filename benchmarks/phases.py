@@ -33,8 +33,9 @@ All systems start with the planner resident (the server's startup load; warmpool
 counts are loads caused by the workload. Time to first token is measured at the client, from sending
 the request to the first chunk carrying content. On a shared machine the times move with other people's
 work: the last column is the share of all cores that processes outside this benchmark used while a
-system ran (/proc/stat minus our own rusage), and `--repeat N` runs the systems interleaved N times
-(medians of loads and wall time, TTFT over all samples). Everything runs on 127.0.0.1; every child runs
+system ran (/proc/stat minus our own rusage), and `--repeat N` runs the systems interleaved N times,
+the order reversed every other round (abc cba abc ...) so that a drift in the machine's speed during the
+run falls on every system alike (medians of loads and wall time, TTFT over all samples). Everything runs on 127.0.0.1; every child runs
 in its own process group, dies with this process (PR_SET_PDEATHSIG) and is stopped in a `finally`.
 
     .venv/bin/python benchmarks/phases.py [--agent] [--seed N] [--agents N] [--rounds N] [--repeat N]
@@ -611,12 +612,18 @@ async def measure(bench: Bench, key: str) -> Result:
 
 
 async def measure_all(bench: Bench) -> list[Result]:
-    """Every system `--repeat` times, interleaved (abcabc...), each system's runs combined."""
+    """Every system `--repeat` times, interleaved, each system's runs combined."""
     runs: dict[str, list[Result]] = {key: [] for key in bench.args.systems}
-    for _ in range(bench.args.repeat):
-        for key in bench.args.systems:
-            runs[key].append(await measure(bench, key))
+    for key in round_robin(bench.args.systems, bench.args.repeat):
+        runs[key].append(await measure(bench, key))
     return [combine(results) for results in runs.values()]
+
+
+def round_robin(systems: str, repeat: int) -> list[str]:
+    """The order systems run in: `abc cba abc ...`. Runs on this machine speed up or slow down over a
+    session (page cache, other people's work); with a fixed order the first system of every round paid
+    for it (seen: 75 -> 66 s over three rounds of the same system, the one run first each round)."""
+    return [key for rnd in range(repeat) for key in (systems if rnd % 2 == 0 else systems[::-1])]
 
 
 def combine(runs: list[Result]) -> Result:
