@@ -35,7 +35,9 @@ the request to the first chunk carrying content. On a shared machine the times m
 work: the last column is the share of all cores that processes outside this benchmark used while a
 system ran (/proc/stat minus our own rusage), and `--repeat N` runs the systems interleaved N times,
 the order reversed every other round (abc cba abc ...) so that a drift in the machine's speed during the
-run falls on every system alike (medians of loads and wall time, TTFT over all samples). Everything runs on 127.0.0.1; every child runs
+run falls on every system alike, after one uncounted warm-up run (`--no-warmup` skips it) since the first
+run after the machine sat idle is slower whichever system it is (medians of loads and wall time, TTFT
+over all samples). Everything runs on 127.0.0.1; every child runs
 in its own process group, dies with this process (PR_SET_PDEATHSIG) and is stopped in a `finally`.
 
     .venv/bin/python benchmarks/phases.py [--agent] [--seed N] [--agents N] [--rounds N] [--repeat N]
@@ -614,6 +616,12 @@ async def measure(bench: Bench, key: str) -> Result:
 async def measure_all(bench: Bench) -> list[Result]:
     """Every system `--repeat` times, interleaved, each system's runs combined."""
     runs: dict[str, list[Result]] = {key: [] for key in bench.args.systems}
+    if bench.args.warmup and bench.args.repeat > 1:
+        # The first run after the machine sat idle is slower for whichever system it is (cold caches:
+        # Python's imports, the model's pages, the emulator's): seen as 11.2 s TTFT p95 against 9.4-9.8 s
+        # for every later run of the same systems. It is run once more and not counted.
+        print("warm-up run, not counted:", file=sys.stderr, flush=True)
+        await measure(bench, bench.args.systems[0])
     for key in round_robin(bench.args.systems, bench.args.repeat):
         runs[key].append(await measure(bench, key))
     return [combine(results) for results in runs.values()]
@@ -631,6 +639,7 @@ def combine(runs: list[Result]) -> Result:
     if len(runs) == 1:
         return runs[0]
     per_run = (f"per run: loads {[round(r.loads) for r in runs]}, wall {[round(r.wall, 1) for r in runs]} s, "
+               f"TTFT p95 {[round(figures(r)['p95'], 2) for r in runs]} s, "
                f"others' CPU {[f'{r.other_cpu:.0%}' for r in runs]}")
     return Result(runs[0].label, statistics.median(r.loads for r in runs),
                   [s for r in runs for s in r.samples], statistics.median(r.wall for r in runs),
@@ -751,7 +760,8 @@ def header(bench: Bench) -> str:
             f"warmpool max_resident {args.max_resident}\n"
             f"{agent_line(bench)}"
             f"(c) emulator: {args.emu_size_gb:g} GB models, load {args.emu_load_seconds:g} s, "
-            f"token delay {args.emu_token_delay:g} s; {args.repeat} run(s) of each system")
+            f"token delay {args.emu_token_delay:g} s; {args.repeat} run(s) of each system"
+            f"{' after an uncounted warm-up run' if args.warmup and args.repeat > 1 else ''}")
 
 
 # ---------------------------------------------------------------- main
@@ -805,6 +815,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--request-timeout", type=float, default=300.0)
     add("--system-timeout", type=float, default=900.0)
     add("--repeat", type=int, default=1, help="run every system N times, interleaved; medians reported")
+    add("--no-warmup", dest="warmup", action="store_false",
+        help="with --repeat, do not start with an uncounted run of the first system")
     add("--systems", default="abrmlpc", help="which systems to run, in order (default abrmlpc)")
     add("--workdir", help="keep configs and child logs here (default: a temporary directory, removed)")
     add("--python", default=sys.executable, help="interpreter with llama_cpp[server] and warmpool's deps")
