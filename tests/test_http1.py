@@ -505,3 +505,84 @@ async def test_a_head_just_under_the_limit_with_a_large_body_in_the_same_read_is
                                   + body]))
     response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
     assert len(response.headers) == 61 and await response.read() == body
+
+
+# -- pipe(): chunks handed to a sink from the connection's callback ------------------------------------------
+
+async def test_pipe_hands_each_chunk_on_while_the_caller_sleeps(serve) -> None:
+    release = asyncio.Event()
+
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+
+    got: list[bytes] = []
+    first = asyncio.Event()
+
+    def sink(chunk: bytes) -> bool:
+        got.append(chunk)
+        first.set()
+        return False
+
+    pool = origin((await serve(script)).url)
+    response = await pool.request("POST", "/api/chat", b"", b"{}", timeout=30)
+    piping = asyncio.create_task(response.pipe(sink))
+    await asyncio.wait_for(first.wait(), 5)
+    assert got == [b"first"] and not piping.done()  # delivered from the callback, the caller still asleep
+    release.set()
+    assert await asyncio.wait_for(piping, 5) is True
+    assert b"".join(got) == b"firstsecond"
+    assert len(pool._idle) == 1  # read to its end: the connection went back to the pool
+    pool.close()
+
+
+async def test_a_full_sink_pauses_the_upstream_and_loses_nothing(serve) -> None:
+    piece = bytes(range(256)) * 256  # 64 KiB
+    pieces = 40
+
+    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(piece) * pieces))
+        for _ in range(pieces):
+            writer.write(piece)
+            await writer.drain()
+
+    got: list[bytes] = []
+    response = await origin((await serve(script)).url).request("GET", "/", b"", b"", timeout=30)
+    assert await asyncio.wait_for(response.pipe(lambda chunk: got.append(chunk) is None), 5) is False
+    await asyncio.sleep(0.3)  # the sink said it is full: the upstream connection is not read meanwhile
+    assert response._paused and response._buffered < 2 * http1.HIGH_WATER
+    while not await asyncio.wait_for(response.pipe(lambda chunk: got.append(chunk) is not None), 5):
+        pass
+    assert b"".join(got) == piece * pieces
+
+
+async def test_pipe_times_silence_not_the_whole_stream(serve) -> None:
+    # Chunks every 0.1 s for 0.8 s with an idle timeout of 0.3 s: no timeout; then silence: a timeout.
+    parts = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"] + [b"2\r\nhi\r\n"] * 8
+    server = await serve(sent_in(parts, pause=0.1))
+    got: list[bytes] = []
+    response = await origin(server.url, idle=0.3).request("POST", "/x", b"", b"{}", timeout=30)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(response.pipe(lambda chunk: got.append(chunk) is not None), 10)
+    assert b"".join(got) == b"hi" * 8
+    response.close()
+
+
+async def test_what_the_sink_raises_pipe_raises_and_a_drop_is_an_error(serve) -> None:
+    server = await serve(sent_in([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"2\r\nhi\r\n"],
+                                 pause=0.05))
+
+    def sink(chunk: bytes) -> bool:
+        raise ConnectionResetError("the client closed the connection")
+
+    response = await origin(server.url).request("POST", "/x", b"", b"{}", timeout=30)
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(response.pipe(sink), 5)
+    response.close()
+    server = await serve(sent_then_closed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
+    response = await origin(server.url).request("GET", "/", b"", b"", timeout=30)
+    with pytest.raises(UpstreamBroken, match="mid-response"):
+        await asyncio.wait_for(response.pipe(lambda chunk: False), 5)

@@ -48,6 +48,13 @@ class FakeReply:
     async def write(self, data: bytes) -> None:
         self.body += data
 
+    def write_now(self, data: bytes) -> bool:
+        self.body += data
+        return False
+
+    async def drain(self) -> None:
+        pass
+
     async def end(self) -> None:
         pass
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -294,6 +294,19 @@ class FirstAnswer:
         data = await self._upstream.readany()
         self._report()
         return data
+
+    async def pipe(self, sink: Callable[[bytes], bool]) -> bool:
+        if self._callback is None:
+            return await self._upstream.pipe(sink)
+
+        def reporting(chunk: bytes) -> bool:
+            self._report()
+            return sink(chunk)
+
+        try:
+            return await self._upstream.pipe(reporting)
+        finally:
+            self._report()  # the body's end, if no bytes came
 
     async def read(self) -> bytes:
         data = await self._upstream.read()

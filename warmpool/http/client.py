@@ -14,6 +14,7 @@ import re
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import quote
 
 import httptools
@@ -28,6 +29,9 @@ KEEPALIVE_SECONDS = 4.0
 NO_BODY_STATUSES = frozenset({204, 304})
 SAFE_TARGET = "/?&=%:+,;@!$'()*~-._"
 UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]|#")  # non-ASCII, spaces, controls, a fragment
+
+
+Sink = Callable[[bytes], bool]  # takes a body chunk; True when it can take no more for now
 
 
 class UpstreamBroken(Exception):
@@ -286,6 +290,8 @@ class Response:
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._wait_until = 0.0  # loop time the current wait gives up at
+        self._sink: Sink | None = None  # while pipe() runs: where each chunk goes as it is parsed
+        self._sink_full = False  # the sink asked for no more for now
 
     # -- reading (the relay's side) ------------------------------------------------------------------------
 
@@ -308,13 +314,48 @@ class Response:
             if self._done:
                 return b""
             await self._wait(self._loop.time() + self._idle_timeout)
+        data = self._take()
+        self._resume()
+        return data
+
+    async def pipe(self, sink: Sink) -> bool:
+        """Hand the body to `sink` chunk by chunk, each from the connection's own callback as soon as llhttp
+        has framed it: no wake-up of the caller per chunk (on a stream that was most of the proxy's work per
+        chunk). True at the body's end; False as soon as `sink` returns True (its receiver is full): reading
+        from the upstream pauses until pipe() or readany() is called again. Raises what readany() raises,
+        and whatever `sink` raised. Silence longer than the idle timeout raises TimeoutError."""
+        self._resume()
+        try:
+            self._sink, self._sink_full = sink, False
+            while True:
+                if self._chunks and sink(self._take()):
+                    self._pause()
+                    return False
+                if self._error is not None:
+                    raise self._error
+                if self._sink_full:
+                    return False
+                if self._done:
+                    return True
+                await self._wait(self._loop.time() + self._idle_timeout)
+        finally:
+            self._sink = None
+
+    def _take(self) -> bytes:
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
+        return data
+
+    def _pause(self) -> None:
+        if not self._paused and self._connection is not None and self._connection.transport is not None:
+            self._paused = True
+            self._connection.transport.pause_reading()
+
+    def _resume(self) -> None:
         if self._paused and self._connection is not None and self._connection.transport is not None:
             self._paused = False
             self._connection.transport.resume_reading()
-        return data
 
     async def read(self) -> bytes:
         """The whole (rest of the) body."""
@@ -398,12 +439,23 @@ class Response:
                 self._fail(UpstreamBroken(f"invalid response from the upstream: {exc}"))
                 return
             self._keep_alive = False  # garbage after a complete answer: the connection is not reused
+        if self._sink is not None and self._chunks and self._error is None:
+            self._to_sink(self._sink)
+            if not (self._done or self._sink_full or self._error is not None):
+                return  # the piping caller sleeps on: nothing for it to do
         if self._done:
             self._finish()
-        elif self._buffered > HIGH_WATER and not self._paused and self._connection is not None:
-            self._paused = True
-            self._connection.transport.pause_reading()  # type: ignore[union-attr]
+        elif self._buffered > HIGH_WATER or self._sink_full:
+            self._pause()
         self._wake()
+
+    def _to_sink(self, sink: Sink) -> None:
+        try:
+            self._sink_full = sink(self._take())
+        except Exception as exc:  # noqa: BLE001  (the receiver's failure, e.g. its client left: pipe() raises it)
+            self._error = exc
+        # Data is news: the silence the idle timeout measures starts again (the timer checks lazily).
+        self._wait_until = self._loop.time() + self._idle_timeout
 
     def lost(self, exc: Exception | None) -> None:
         self._connection = None

@@ -71,6 +71,13 @@ class Reply(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    def write_now(self, data: bytes) -> bool:
+        """`write` without waiting: True when the client is not taking more for now (await `drain`)."""
+        ...
+
+    async def drain(self) -> None:
+        """Until the client takes more (at once when it does)."""
+
     async def end(self) -> None: ...
 
     def abort(self) -> None:

@@ -563,11 +563,16 @@ class SocketReply:
             await self.connection.drain()
 
     async def write(self, data: bytes) -> None:
-        if not data or self.ended:
-            return  # an empty chunk would end a chunked body
-        self.connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        if self.connection.writing_paused:
+        if self.write_now(data):
             await self.connection.drain()
+
+    def write_now(self, data: bytes) -> bool:
+        if data and not self.ended:  # an empty chunk would end a chunked body
+            self.connection.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        return self.connection.writing_paused
+
+    async def drain(self) -> None:
+        await self.connection.drain()
 
     async def end(self) -> None:
         if self.ended:

@@ -65,19 +65,19 @@ async def _pass_through(reply: Reply, upstream: Upstream, backend: str, tags: He
 
 async def _copy_chunks(upstream: Upstream, reply: Reply, backend: str, rename: Renamer | None,
                        first: bytes = b"", error_dialect: str = "") -> None:
+    # Chunks go to the client from the upstream connection's callback (Upstream.pipe): this coroutine
+    # wakes only when the client is full, and at the end.
+    sink: Callable[[bytes], bool] = reply.write_now
+    if rename is not None:
+        def renamed(chunk: bytes) -> bool:
+            return reply.write_now(rename.feed(chunk))
+        sink = renamed
     try:
-        if rename is None:
-            if first:
-                await reply.write(first)
-            while chunk := await upstream.readany():
-                await reply.write(chunk)
-            return
-        chunk = first or await upstream.readany()
-        while chunk:
-            if out := rename.feed(chunk):
-                await reply.write(out)
-            chunk = await upstream.readany()
-        if rest := rename.finish():
+        if first and sink(first):
+            await reply.drain()
+        while not await upstream.pipe(sink):
+            await reply.drain()
+        if rename is not None and (rest := rename.finish()):
             await reply.write(rest)
     except (UpstreamBroken, TimeoutError) as exc:
         await _report_mid_stream(reply, upstream_failure(backend, exc), error_dialect)
@@ -98,10 +98,15 @@ async def _translated(reply: Reply, upstream: Upstream, backend: str, tags: Head
 
 
 async def _translate_chunks(upstream: Upstream, reply: Reply, backend: str, streamer: Streamer) -> None:
+    def sink(chunk: bytes) -> bool:
+        full = False
+        for line in streamer.feed(chunk):
+            full = reply.write_now(line)
+        return full
+
     try:
-        while chunk := await upstream.readany():
-            for line in streamer.feed(chunk):
-                await reply.write(line)
+        while not await upstream.pipe(sink):
+            await reply.drain()
         for line in streamer.finish():
             await reply.write(line)
     except (UpstreamBroken, TimeoutError) as exc:
