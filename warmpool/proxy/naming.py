@@ -52,7 +52,7 @@ class Renamer:
         self._pending = b""
 
     def whole(self, body: bytes) -> bytes:
-        if self._marker not in body:
+        if body.find(self._marker) < 0:  # not `in`: with a bytes needle it first raises and drops a TypeError
             return body
         return self._pattern.sub(self._replace, body)
 
