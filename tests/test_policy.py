@@ -232,9 +232,17 @@ def test_load_ahead_loads_the_next_model_beside_one_still_draining() -> None:
 
 
 def test_a_predicted_model_is_loaded_into_a_free_slot() -> None:
-    view = pool(resident("a", inflight=1), absent("b"), absent("c"), max_resident=2, predicted=("c", "b"))
+    view = pool(resident("a"), absent("b"), absent("c"), max_resident=2, predicted=("c", "b"))
     p = plan(view, now=1.0)
     assert (p.evict, p.load, p.reason) == ([], "c", "prefetch")
+
+
+def test_a_predicted_model_waits_until_no_request_runs_in_the_pool() -> None:
+    # A load beside a running answer competes with it for the processor: it waits for a gap.
+    busy = pool(resident("a", inflight=1), absent("c"), max_resident=2, predicted=("c",))
+    assert plan(busy, now=1.0) == Plan()
+    busy.models["a"].inflight = 0
+    assert plan(busy, now=1.0).load == "c"
 
 
 def test_a_prediction_never_evicts_and_respects_the_vram_budget() -> None:
@@ -246,7 +254,7 @@ def test_a_prediction_never_evicts_and_respects_the_vram_budget() -> None:
 
 
 def test_a_prediction_waits_behind_demand_and_is_off_without_load_ahead() -> None:
-    demand = pool(resident("a", inflight=1), absent("b"), absent("c"), waiters=[w(1, "b", 0.0)],
+    demand = pool(resident("a"), absent("b"), absent("c"), waiters=[w(1, "b", 0.0)],
                   max_resident=2, predicted=("c",))
     assert plan(demand, now=1.0).load == "b"
     off = pool(resident("a"), absent("c"), max_resident=2, predicted=("c",), load_ahead=False)

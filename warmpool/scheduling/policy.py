@@ -25,7 +25,7 @@ so every rule below is tested alone (tests/test_policy.py):
   victims stop taking new requests and are evicted as soon as their running requests end;
 - an idle model past its `keep_alive` is unloaded; an idle pool goes back to its default model;
 - with `load_ahead`, a model predicted next (`predicted`) is loaded where it fits without evicting
-  anything (reason "prefetch");
+  anything (reason "prefetch"), and only while no request runs in the pool;
 - a model an operator asked to unload takes no new requests and goes as soon as it is idle.
 """
 
@@ -124,7 +124,7 @@ def plan(view: PoolView, now: float) -> Plan:
             result.prepare = target.model
     if not view.swapping and not result.swaps and not view.waiters:
         _plan_idle(view, now, result)
-    if not view.swapping and not result.swaps and target is None and view.load_ahead:
+    if not view.swapping and not result.swaps and target is None and view.load_ahead and not _running(view):
         _plan_load_ahead(view, result)
     return result
 
@@ -293,6 +293,14 @@ def _fail_model(view: PoolView, wanted: ModelState, result: Plan) -> None:
     else:
         reason = f"model '{wanted.name}' cannot be loaded: the pool is full of pinned models"
     result.fail = [(w.id, reason) for w in view.waiters if w.model == wanted.name]
+
+
+def _running(view: PoolView) -> bool:
+    """Whether a request runs on any model of the pool. A predicted model is loaded only when none does:
+    a load beside a running answer competes with it for the processor (CPU inference) or the memory bus,
+    and measured that way cost the agent workload 6-8% of its wall time (benchmarks/phases.py
+    --max-resident 2); in the gaps between requests it costs nothing."""
+    return any(m.inflight for m in view.models.values())
 
 
 def _plan_load_ahead(view: PoolView, result: Plan) -> None:
