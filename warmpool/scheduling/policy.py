@@ -297,9 +297,9 @@ def _fail_model(view: PoolView, wanted: ModelState, result: Plan) -> None:
 
 def _running(view: PoolView) -> bool:
     """Whether a request runs on any model of the pool. A predicted model is loaded only when none does:
-    a load beside a running answer competes with it for the processor (CPU inference) or the memory bus,
-    and measured that way cost the agent workload 6-8% of its wall time (benchmarks/phases.py
-    --max-resident 2); in the gaps between requests it costs nothing."""
+    a load beside a running answer competes with it for the processor (CPU inference) or the memory bus
+    (loaded that way, prefetch made the agent workload 6-8% slower in wall time, medians of two runs of
+    benchmarks/phases.py --max-resident 2 on two cores); in a gap between requests it competes with nothing."""
     return any(m.inflight for m in view.models.values())
 
 
