@@ -14,8 +14,9 @@ are read with aiohttp's client. Two warmpool routes to the same upstream are mea
 For reference, a proxy with no logic at all is measured beside them (`--no-reference` skips it): warmpool's
 front door (warmpool/http/server.py) and its upstream client (warmpool/http/client.py) with nothing in
 between (no routing,
-leases, metrics or rewriting); aiohttp's server in place of the front door for a `--source` checkout that
-has none. It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
+leases, metrics or rewriting; a stream relayed with the client's `pipe` where the checkout has it,
+else chunk by chunk with `readany`); aiohttp's server in place of the front door for a `--source` checkout
+that has none. It is the floor of warmpool's stack; what warmpool adds above it is its own logic.
 
 Measured, in rounds that interleave direct and proxied runs (the machine is shared, so medians over the
 rounds are reported): requests per second and latency p50/p99 of small non-streamed chat completions at
@@ -199,8 +200,12 @@ def reference_front_door(upstream: str) -> Callable[..., object] | None:
                 await reply.whole(answer.status, "", headers, await answer.read())
                 return
             await reply.start(answer.status, "", headers, None)
-            while chunk := await answer.readany():
-                await reply.write(chunk)
+            if hasattr(answer, "pipe"):  # chunks written from the connection's callback, as warmpool does now
+                while not await answer.pipe(reply.write_now):
+                    await reply.drain()
+            else:
+                while chunk := await answer.readany():
+                    await reply.write(chunk)
             await reply.end()
         finally:
             answer.close()
