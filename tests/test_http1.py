@@ -145,15 +145,20 @@ async def test_chunked_body_is_decoded_wherever_the_reads_end(serve, split: Spli
     pool.close()
 
 
-async def test_chunks_are_handed_on_as_they_arrive(serve) -> None:
-    release = asyncio.Event()
-
+def first_then_second(release: asyncio.Event) -> Script:
+    """A chunked answer: "first" at once, "second" and the end once `release` is set."""
     async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         await writer.drain()
         await release.wait()
         writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
         await writer.drain()
+    return script
+
+
+async def test_chunks_are_handed_on_as_they_arrive(serve) -> None:
+    release = asyncio.Event()
+    script = first_then_second(release)
 
     pool = origin((await serve(script)).url)
     response = await pool.request("POST", "/api/chat", b"", b"{}", timeout=30)
@@ -511,13 +516,7 @@ async def test_a_head_just_under_the_limit_with_a_large_body_in_the_same_read_is
 
 async def test_pipe_hands_each_chunk_on_while_the_caller_sleeps(serve) -> None:
     release = asyncio.Event()
-
-    async def script(request: bytes, index: int, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-        await writer.drain()
-        await release.wait()
-        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
-        await writer.drain()
+    script = first_then_second(release)
 
     got: list[bytes] = []
     first = asyncio.Event()
