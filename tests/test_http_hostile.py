@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -178,6 +181,31 @@ async def test_connections_beyond_the_cap_get_503_and_the_rest_are_served(
         writer.write(HEALTHZ)
         assert (await one_answer(reader)).startswith(b"HTTP/1.1 200 OK")
         writer.close()
+
+
+def test_a_burst_of_connections_waits_in_the_kernel_while_warmpool_is_busy(
+        warmpool_process: Any, upstream_url: str) -> None:
+    """300 clients connecting while warmpool's loop cannot accept (stopped here, busy in life) are all held
+    by the kernel and then served; with asyncio's default backlog of 100 the rest lost a second or more to
+    SYN retries, or timed out."""
+    proc = warmpool_process(config(upstream_url))
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    clients: list[socket.socket] = []
+    os.kill(proc.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(300):
+            client = socket.create_connection((host, int(port)), timeout=0.5)  # well below a SYN retry
+            clients.append(client)
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+    try:
+        for client in (clients[0], clients[-1]):
+            client.settimeout(10)
+            client.sendall(HEALTHZ)
+            assert client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for client in clients:
+            client.close()
 
 
 # -- defect 3: shutdown is one deadline ---------------------------------------------------------------------------

@@ -162,7 +162,7 @@ async def serve(cfg: Config, *, shutdown_trigger: Callable[[], Awaitable[object]
 async def _listen(protocol: Callable[[], asyncio.Protocol], cfg: Config) -> asyncio.Server:
     try:
         return await asyncio.get_running_loop().create_server(protocol, cfg.listen_host, cfg.listen_port,
-                                                              reuse_address=True)
+                                                              reuse_address=True, backlog=server.BACKLOG)
     except OSError as exc:  # the port is taken, or the address is not one of this host's
         reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
         raise ListenError(f"cannot listen on {cfg.listen}: {reason} (set `listen` or --listen)") from None

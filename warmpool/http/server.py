@@ -45,6 +45,10 @@ HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its h
 BODY_GRACE = 10.0  # seconds a request body may take ...
 BODY_RATE = 16384.0  # ... plus one per this many bytes of it -> 408
 MAX_CONNECTIONS = 0  # open client connections; 0: half the file-descriptor limit, at most 10,000 -> 503
+# Connections the kernel holds until warmpool accepts them (the kernel caps it at net.core.somaxconn).
+# asyncio's default, 100, made the rest of a burst of clients connecting at once wait 1 s or more for a
+# SYN retry while the loop was busy; nginx takes 511, uvicorn 2048.
+BACKLOG = 2048
 
 
 def default_max_connections() -> int:
