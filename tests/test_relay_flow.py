@@ -5,17 +5,14 @@ passed through (OpenAI SSE to an OpenAI client) and translated (OpenAI SSE to an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import re
 from collections.abc import AsyncIterator
 
 import h11
 import pytest
 
-from tests.conftest import running_warmpool
+from tests.raw_upstream import RawUpstream, warmpool_in_front
 
-MODELS = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
 EVENTS = 2048
 CONTENT = 16 * 1024  # characters of content per event: 32 MiB of stream in all
 
@@ -27,7 +24,7 @@ def event(index: int) -> bytes:
     return b"data: " + json.dumps(delta).encode() + b"\n\n"
 
 
-class StreamingUpstream:
+class StreamingUpstream(RawUpstream):
     """An OpenAI-style upstream whose chat answer is a long SSE stream; it counts the bytes the proxy has
     taken from it so far (its writes wait while the proxy does not read)."""
 
@@ -35,40 +32,25 @@ class StreamingUpstream:
         self.sent = 0
         self.total = 0
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if length := re.search(rb"(?i)\r\ncontent-length: *(\d+)", head):
-                    await reader.readexactly(int(length.group(1)))
-                if head.startswith(b"GET /v1/models"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
-                                 % (len(MODELS), MODELS))
-                    continue
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
-                for index in range(EVENTS):
-                    data = event(index)
-                    writer.write(b"%x\r\n%b\r\n" % (len(data), data))
-                    await writer.drain()
-                    self.sent += len(data)
-                done = b"data: [DONE]\n\n"
-                writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
-                await writer.drain()
-                self.total = self.sent
-        writer.close()
+    async def answer(self, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for index in range(EVENTS):
+            data = event(index)
+            writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+            await writer.drain()
+            self.sent += len(data)
+        done = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+        await writer.drain()
+        self.total = self.sent
+        return False
 
 
 @pytest.fixture
 async def proxied() -> AsyncIterator[tuple[StreamingUpstream, int]]:
     upstream = StreamingUpstream()
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    raw = {"backends": {"up": {"kind": "openai", "url": url}}, "models": {"m": {"backend": "up"}},
-           "timeouts": {"idle": 30, "shutdown": 2}}
-    async with running_warmpool(raw) as proxy:
-        yield upstream, int(proxy.rsplit(":", 1)[1])
-    server.close()
+    async with warmpool_in_front(upstream, idle=30, shutdown=2) as port:
+        yield upstream, port
 
 
 async def read_answer(reader: asyncio.StreamReader) -> bytes:

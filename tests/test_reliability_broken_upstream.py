@@ -9,16 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import h11
 import pytest
 
-from tests.conftest import running_warmpool
+from tests.raw_upstream import RawUpstream, warmpool_in_front
 
-MODELS = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
 GOOD = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"ok": true}'
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -31,42 +29,26 @@ class Script:
     close: bool = False
 
 
-class BrokenUpstream:
+class BrokenUpstream(RawUpstream):
     """A raw HTTP/1.1 upstream that answers /v1/models properly and every other request with `script`."""
 
     def __init__(self) -> None:
         self.script = Script(GOOD)
         self.port = 0
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if length := re.search(rb"(?i)\r\ncontent-length: *(\d+)", head):
-                    await reader.readexactly(int(length.group(1)))
-                if head.startswith(b"GET /v1/models"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
-                                 % (len(MODELS), MODELS))
-                    continue
-                script = self.script
-                writer.write(script.data)
-                await writer.drain()
-                if script.close:
-                    break
-        writer.close()
+    async def answer(self, writer: asyncio.StreamWriter) -> bool:
+        script = self.script
+        writer.write(script.data)
+        await writer.drain()
+        return script.close
 
 
 @pytest.fixture
 async def broken() -> AsyncIterator[tuple[BrokenUpstream, int]]:
     """The broken upstream and warmpool in front of it (an openai-kind backend: forward only)."""
     upstream = BrokenUpstream()
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    raw = {"backends": {"up": {"kind": "openai", "url": url}}, "models": {"m": {"backend": "up"}},
-           "timeouts": {"idle": 5, "shutdown": 2}}
-    async with running_warmpool(raw) as proxy:
-        yield upstream, int(proxy.rsplit(":", 1)[1])
-    server.close()
+    async with warmpool_in_front(upstream, idle=5, shutdown=2) as port:
+        yield upstream, port
 
 
 class Client:
