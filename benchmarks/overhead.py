@@ -39,6 +39,7 @@ import contextlib
 import importlib
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -61,10 +62,18 @@ REPO = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
 ROUTES = {"openai": "fwd-model", "ollama": "pool-model"}  # route -> model name in warmpool's config
 UPSTREAM_MODEL = "bench:latest"
-TARGETS = {"added_p50_c1_ms": 0.5, "chunk_added_ms": 0.5, "rps_ratio_c16": 0.5}
+TARGETS = {"added_p50_c1_ms": 0.5, "chunk_added_ms": 0.5, "rps_ratio_c16": 0.5, "steady_vs_nginx": 2.0}
 START_TIMEOUT = 30.0
 CHUNKS = 20  # per stream
 GAP = 0.005  # seconds between two streamed chunks
+# The steady rows: many streams running together at a token rate a GPU decodes at, each stream's ticks at a
+# random phase (real streams do not tick in step). 256 streams at 50 chunks a second is 12,800 chunks a
+# second: about the load issue 14's figures were taken at (nginx at 0.18 of a core).
+STEADY_CHUNKS = 100
+# Every server here (the fake upstream, the no-logic proxy, nginx) queues as many connections as warmpool
+# does (warmpool/http/server.py BACKLOG): with asyncio's default of 100, opening 256 streams cost a 1 s SYN retry.
+BACKLOG = 2048
+STEADY_GAP = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +87,13 @@ class Settings:
     streams: int = 15
     chunks: int = CHUNKS
     gap: float = GAP
-    wide: int = 256  # streams at once for the wide chunk-delay rows; 0 skips them
+    wide: int = 256  # streams opened at once for the burst chunk-delay rows; 0 skips them
+    steady: int = 256  # streams running together for the steady chunk-delay rows; 0 skips them
+    steady_chunks: int = STEADY_CHUNKS
 
 
-QUICK = Settings(rounds=2, requests_c1=500, requests_c16=1000, warmup=100, streams=5, wide=64)
+QUICK = Settings(rounds=2, requests_c1=500, requests_c16=1000, warmup=100, streams=5, wide=64, steady=64,
+                 steady_chunks=40)
 
 
 # -- the fake upstream (its own process) ---------------------------------------------------------------------
@@ -106,17 +118,22 @@ def sse_chunk(index: int) -> bytes:
 
 def fake_upstream(chunks: int, gap: float) -> web.Application:
     """An OpenAI + Ollama server that answers at once: completions, SSE streams with send times, and
-    the Ollama calls warmpool's ollama backend makes (version, ps, load)."""
+    the Ollama calls warmpool's ollama backend makes (version, ps, load). A streamed request may set its own
+    `bench_chunks` and `bench_gap`, and `bench_phase: true` to wait a random part of the gap before its
+    first chunk."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
         if not body.get("stream"):
             return web.Response(body=COMPLETION, content_type="application/json")
+        count, pause = int(body.get("bench_chunks", chunks)), float(body.get("bench_gap", gap))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for index in range(chunks):
+        if body.get("bench_phase"):
+            await asyncio.sleep(random.uniform(0, pause))
+        for index in range(count):
             await response.write(sse_chunk(index))
-            await asyncio.sleep(gap)
+            await asyncio.sleep(pause)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -217,7 +234,8 @@ def reference_front_door(upstream: str) -> Callable[..., object] | None:
 
 async def serve_protocol(factory: Callable[..., object]) -> None:
     """Serve a protocol factory like serve_app does an application."""
-    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)  # type: ignore[arg-type]
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0,  # type: ignore[arg-type]
+                                                            backlog=BACKLOG)
     host, port = server.sockets[0].getsockname()[:2]
     print(f"listening on http://{host}:{port}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -228,7 +246,7 @@ async def serve_app(app: web.Application) -> None:
     """Serve on an ephemeral port, print the URL, and stop when stdin closes (the parent went away)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=BACKLOG)
     await site.start()
     host, port = runner.addresses[0][:2]
     print(f"listening on http://{host}:{port}", flush=True)
@@ -307,7 +325,7 @@ http {{
   scgi_temp_path {dir};
   upstream fake {{ server {upstream}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{port} backlog={backlog};
     location / {{ proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_buffering off; }}
   }}
@@ -320,7 +338,8 @@ def start_nginx(started: list[Child], upstream: str, workdir: Path) -> Child:
     keep-alive to the upstream): the reference for what a reverse proxy adds to each chunk."""
     port = free_port()
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream.removeprefix("http://"), port=port))
+    conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream.removeprefix("http://"), port=port,
+                                      backlog=BACKLOG))
     child = Child("nginx", ["nginx", "-c", str(conf), "-p", str(workdir)])
     child.url = f"http://127.0.0.1:{port}"
     started.append(child)
@@ -412,9 +431,11 @@ class Run:
         return len(self.latencies) / self.seconds
 
 
-def request_body(model: str, stream: bool) -> bytes:
+def request_body(model: str, stream: bool, **bench: object) -> bytes:
+    """A small chat request; `bench` adds the fake upstream's `bench_*` fields (a proxy passes them on)."""
     return json.dumps({"model": model, "stream": stream, "max_tokens": 8,
-                       "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+                       "messages": [{"role": "user", "content": "Say hello."}],
+                       **{f"bench_{name}": value for name, value in bench.items()}}).encode()
 
 
 class KeepAlive(asyncio.Protocol):
@@ -542,6 +563,108 @@ async def wide_chunk_delays(url: str, body: bytes, streams: int) -> list[float]:
     return [delay for run in runs for delay in run]
 
 
+class StreamProbe(asyncio.Protocol):
+    """One streamed request on a connection of its own, read without an HTTP client: each chunk's send time
+    (the `"ts":` the fake upstream puts first in every event) against the moment its bytes arrived. The
+    framing between events (chunk sizes, blank lines) is skipped, not parsed; a few µs a chunk, so that
+    256 streams read at once leave the cores to the servers being measured. `arrivals` holds (sent, arrived)
+    in ns; `done` ends with the stream ([DONE]) or fails on anything but a 200 or a connection closed early."""
+
+    MARK = b'{"ts":'
+
+    def __init__(self, request: bytes, on_first_chunk: Callable[[], None]) -> None:
+        self.request = request
+        self.on_first_chunk = on_first_chunk
+        self.buffer = bytearray()
+        self.arrivals: list[tuple[int, int]] = []
+        self.head_checked = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def start(self) -> None:
+        """Send the request (connections are opened first, then every request goes at once: 256 connects
+        while streams already run overflowed a server's accept queue and cost a 1 s SYN retry)."""
+        self.transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        arrived = time.time_ns()
+        buffer = self.buffer
+        buffer += data
+        if not self.head_checked:
+            if len(buffer) < 13:
+                return
+            if not buffer.startswith(b"HTTP/1.1 200 "):
+                self._fail(f"unexpected answer: {bytes(buffer[:200])!r}")
+                return
+            self.head_checked = True
+        had, at = len(self.arrivals), 0
+        while (start := buffer.find(self.MARK, at)) >= 0 and (comma := buffer.find(b",", start)) >= 0:
+            self.arrivals.append((int(buffer[start + len(self.MARK):comma]), arrived))
+            at = comma
+        if had == 0 and self.arrivals:
+            self.on_first_chunk()
+        if buffer.find(b"data: [DONE]", at) >= 0:
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        del buffer[:max(at, len(buffer) - 16)]  # keep what may be the start of a mark cut by the read
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection closed before the stream ended: {exc}")
+
+    def _fail(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(RuntimeError(why))
+
+
+@dataclass(slots=True)
+class Steady:
+    """The steady part of a run of streams: from the moment every stream has its first chunk until the first
+    stream ends. Delays in seconds; the proxy's CPU seconds and the window's length."""
+
+    delays: list[float]
+    cpu: float
+    seconds: float
+
+
+async def steady_chunk_delays(url: str, body: bytes, streams: int, pid: int | None) -> Steady:
+    """Chunk delays of `streams` streams running together, each on its own connection, counted only while
+    all of them run (so neither their requests nor their ends are in the figures), and the proxy's CPU
+    (`pid`) over that window."""
+    host, port, request = raw_request(url, CHAT, body)
+    loop = asyncio.get_running_loop()
+    marks: dict[str, tuple[int, float]] = {}  # "start"/"end" of the window: (time_ns, proxy CPU seconds)
+    running = [0]
+
+    def first_chunk() -> None:
+        running[0] += 1
+        if running[0] == streams and "end" not in marks:
+            marks["start"] = (time.time_ns(), cpu_seconds(pid))
+
+    probes = [StreamProbe(request, first_chunk) for _ in range(streams)]
+    try:
+        for probe in probes:
+            await loop.create_connection(lambda probe=probe: probe, host, port)  # type: ignore[misc]
+        for probe in probes:
+            probe.start()
+        await asyncio.wait([probe.done for probe in probes], return_when=asyncio.FIRST_COMPLETED)
+        marks["end"] = (time.time_ns(), cpu_seconds(pid))
+        await asyncio.gather(*(probe.done for probe in probes))
+    finally:
+        for probe in probes:
+            if hasattr(probe, "transport"):
+                probe.transport.close()
+    if "start" not in marks:
+        raise RuntimeError("a stream ended before every stream had its first chunk: make the streams longer")
+    (start, cpu_start), (end, cpu_end) = marks["start"], marks["end"]
+    delays = [(arrived - sent) / 1e9 for probe in probes for sent, arrived in probe.arrivals
+              if start <= arrived <= end]
+    return Steady(delays, cpu_end - cpu_start, (end - start) / 1e9)
+
+
 # -- rounds and statistics -----------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
@@ -609,6 +732,14 @@ async def measure_target(url: str, model: str, settings: Settings, into: Samples
             # turn into a measure of who the kernel ran when.
             requests = settings.wide * into.values["cpu_us_c16"][-1] / 1e6
             into.add("wide_cpu_us_chunk", max(0.0, cpu_used - requests) / len(delays) * 1e6)
+    if settings.steady:
+        steady = request_body(model, True, chunks=settings.steady_chunks, gap=STEADY_GAP, phase=True)
+        run = await steady_chunk_delays(url, steady, settings.steady, pid)
+        into.add("steady_p50", percentile(run.delays, 50) * 1e3)
+        into.add("steady_p99", percentile(run.delays, 99) * 1e3)
+        if pid is not None:
+            into.add("steady_cpu_us_chunk", run.cpu / len(run.delays) * 1e6)
+            into.add("steady_cores", run.cpu / run.seconds)
 
 
 async def measure(direct: str, targets: dict[str, tuple[Child, str]], settings: Settings,
@@ -631,7 +762,8 @@ async def measure(direct: str, targets: dict[str, tuple[Child, str]], settings: 
 
 def add_differences(direct: Samples, proxied: Samples) -> None:
     """Per-round proxied-minus-direct figures (pairing rounds cancels slow drifts of the machine)."""
-    for key in ("p50_c1", "p99_c1", "p50_c16", "p99_c16", "chunk_p50", "chunk_p99", "wide_p50", "wide_p99"):
+    for key in ("p50_c1", "p99_c1", "p50_c16", "p99_c16", "chunk_p50", "chunk_p99", "wide_p50", "wide_p99",
+                "steady_p50", "steady_p99"):
         if key not in direct.values:
             continue
         for ours, theirs in zip(proxied.values[key], direct.values[key], strict=True):
@@ -666,11 +798,17 @@ ROWS = [
     ("chunk delay p99 (ms)", "chunk_p99", "{:.3f}"),
     ("chunk added p50 (ms)", "added_chunk_p50", "{:+.3f}"),
     ("chunk added p99 (ms)", "added_chunk_p99", "{:+.3f}"),
-    ("wide streams chunk p50 (ms)", "wide_p50", "{:.3f}"),
-    ("wide streams chunk p99 (ms)", "wide_p99", "{:.3f}"),
-    ("wide streams added p50 (ms)", "added_wide_p50", "{:+.3f}"),
-    ("wide streams added p99 (ms)", "added_wide_p99", "{:+.3f}"),
-    ("wide streams CPU/chunk (us)", "wide_cpu_us_chunk", "{:.1f}"),
+    ("burst streams chunk p50 (ms)", "wide_p50", "{:.3f}"),
+    ("burst streams chunk p99 (ms)", "wide_p99", "{:.3f}"),
+    ("burst streams added p50 (ms)", "added_wide_p50", "{:+.3f}"),
+    ("burst streams added p99 (ms)", "added_wide_p99", "{:+.3f}"),
+    ("burst streams CPU/chunk (us)", "wide_cpu_us_chunk", "{:.1f}"),
+    ("steady streams chunk p50 (ms)", "steady_p50", "{:.3f}"),
+    ("steady streams chunk p99 (ms)", "steady_p99", "{:.3f}"),
+    ("steady streams added p50 (ms)", "added_steady_p50", "{:+.3f}"),
+    ("steady streams added p99 (ms)", "added_steady_p99", "{:+.3f}"),
+    ("steady streams CPU/chunk (us)", "steady_cpu_us_chunk", "{:.1f}"),
+    ("steady streams proxy cores", "steady_cores", "{:.2f}"),
 ]
 HEADINGS = {"direct": "direct", "openai": "via openai", "ollama": "via ollama", "reference": "no logic",
             "nginx": "nginx"}
@@ -708,6 +846,14 @@ def verdicts(results: dict[str, Samples]) -> list[str]:
             bound = "<=" if at_most else ">="
             lines.append(f"{heading(route):<11} {name:<38} {'met' if met else 'NOT MET':<8}"
                          f"{value:.3f} {unit} (target {bound} {target:g} {unit})")
+        if "nginx" in results and "added_steady_p50" in s.values:
+            # Issue 14: with many streams running, warmpool adds at most twice the chunk delay nginx adds.
+            for q in ("p50", "p99"):
+                ours, theirs = s.median(f"added_steady_{q}"), results["nginx"].median(f"added_steady_{q}")
+                met = ours <= TARGETS["steady_vs_nginx"] * max(theirs, 0.0)
+                lines.append(f"{heading(route):<11} {'steady streams added ' + q + ' vs nginx':<38} "
+                             f"{'met' if met else 'NOT MET':<8}{ours:+.3f} ms against {theirs:+.3f} ms "
+                             f"(target <= {TARGETS['steady_vs_nginx']:g}x nginx's)")
     return lines
 
 
@@ -725,7 +871,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nginx", action="store_true", help="also measure nginx (proxy_buffering off) as a column")
     parser.add_argument("--baseline", type=Path,
                         help="also run warmpool from this checkout, in the same rounds (a before/after table)")
-    parser.add_argument("--wide", type=int, help="streams at once for the wide chunk-delay rows (default 256; 0: none)")
+    parser.add_argument("--wide", type=int,
+                        help="streams opened at once for the burst chunk-delay rows (default 256; 0: none)")
+    parser.add_argument("--steady", type=int,
+                        help="streams running together for the steady chunk-delay rows (default 256; 0: none)")
     parser.add_argument("--upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reference", metavar="UPSTREAM", help=argparse.SUPPRESS)
     parser.add_argument("--chunks", type=int, default=CHUNKS, help=argparse.SUPPRESS)
@@ -738,7 +887,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     rounds = args.rounds if args.rounds is not None else base.rounds
     return Settings(rounds=max(1, rounds), requests_c1=base.requests_c1, requests_c16=base.requests_c16,
                     warmup=base.warmup, streams=base.streams, chunks=args.chunks, gap=args.gap,
-                    wide=base.wide if args.wide is None else max(0, args.wide))
+                    wide=base.wide if args.wide is None else max(0, args.wide),
+                    steady=base.steady if args.steady is None else max(0, args.steady),
+                    steady_chunks=base.steady_chunks)
 
 
 def event_loop_runner() -> Callable[..., object]:
@@ -780,7 +931,8 @@ def benchmark(settings: Settings, routes: list[str], source: Path, as_json: bool
     print(f"\nwarmpool overhead, {os.cpu_count()} CPUs, {settings.rounds} rounds, "
           f"c=1: {settings.requests_c1} "
           f"requests, c=16: {settings.requests_c16}, streams: {settings.streams} x {settings.chunks} chunks "
-          f"{settings.gap * 1e3:g} ms apart\n")
+          f"{settings.gap * 1e3:g} ms apart; burst: {settings.wide} streams opened at once; steady: "
+          f"{settings.steady} streams x {settings.steady_chunks} chunks {STEADY_GAP * 1e3:g} ms apart\n")
     print(table(results))
     print()
     print("\n".join(verdicts(results)))

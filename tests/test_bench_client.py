@@ -95,3 +95,48 @@ async def test_a_body_cut_short_stops_the_run() -> None:
     async with raw_server(cut) as url:
         with pytest.raises(RuntimeError, match="connection closed"):
             await overhead.lean_requests(url, BODY, 2, 1)
+
+
+async def test_the_stream_probe_reads_every_send_time_even_byte_by_byte() -> None:
+    events = [overhead.sse_chunk(index) for index in range(3)] + [b"data: [DONE]\n\n"]
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + b"".join(events)
+
+    async def dribble(writer: asyncio.StreamWriter) -> None:
+        for index in range(len(answer)):
+            writer.write(answer[index:index + 1])
+            await writer.drain()
+
+    firsts: list[int] = []
+    async with raw_server(dribble) as url:
+        host, port, request = overhead.raw_request(url, overhead.CHAT, BODY)
+        probe = overhead.StreamProbe(request, lambda: firsts.append(1))
+        await asyncio.get_running_loop().create_connection(lambda: probe, host, port)
+        probe.start()
+        await asyncio.wait_for(probe.done, 10)
+    sent = [int(event[12:event.index(b",")]) for event in events[:3]]
+    assert [pair[0] for pair in probe.arrivals] == sent
+    assert all(arrived >= when for when, arrived in probe.arrivals) and firsts == [1]
+
+
+async def test_the_stream_probe_fails_on_an_error_answer() -> None:
+    async def refuse(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno")
+
+    async with raw_server(refuse) as url:
+        host, port, request = overhead.raw_request(url, overhead.CHAT, BODY)
+        probe = overhead.StreamProbe(request, lambda: None)
+        await asyncio.get_running_loop().create_connection(lambda: probe, host, port)
+        probe.start()
+        with pytest.raises(RuntimeError, match="unexpected answer"):
+            await asyncio.wait_for(probe.done, 10)
+
+
+async def test_steady_delays_count_only_chunks_while_every_stream_runs() -> None:
+    body = overhead.request_body("m", True, chunks=30, gap=0.01, phase=True)
+    async with app_server(overhead.fake_upstream(2, 0.001)) as url:
+        run = await overhead.steady_chunk_delays(url, body, 8, None)
+    # 8 streams of 30 chunks 10 ms apart, started within a gap of each other: the window holds most of
+    # their chunks but never all of them (the first chunks come before it, the last after it).
+    assert 8 * 10 < len(run.delays) < 8 * 30
+    assert all(0 <= delay < 5 for delay in run.delays)
+    assert 0.1 < run.seconds < 1 and run.cpu == 0
