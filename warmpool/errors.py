@@ -7,7 +7,6 @@
     ├── Unauthorized                   401  missing or wrong API / admin key
     ├── Forbidden                      403  an API key where an admin key is needed
     ├── ModelNotFound                  404
-    ├── PayloadTooLarge                413
     ├── QueueFull                      503  (+ Retry-After)
     ├── ShuttingDown                   503  (+ Retry-After)
     ├── QueueTimeout                   504
@@ -108,10 +107,6 @@ class Forbidden(WarmpoolError):
 class ModelNotFound(WarmpoolError):
     status = 404
     code = "model_not_found"
-
-
-class PayloadTooLarge(WarmpoolError):
-    status = 413
 
 
 class QueueFull(WarmpoolError):
