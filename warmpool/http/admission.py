@@ -35,19 +35,22 @@ class Admission:
 
     async def wait(self) -> None:
         """Wait for this request's turn (after `now()` said False); a cancelled waiter gives its place up."""
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = self.loop.create_future()
+        future: asyncio.Future[None] = self._loop().create_future()
         self.waiting.append(future)
         if not self.turn_pending:
             self._schedule_next_turn()
         await future
 
-    def _schedule_next_turn(self) -> None:
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # Taken once, when first needed (the gate is built before the loop runs); on Python 3.11 every
+        # get_running_loop() is a getpid() system call.
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        return self.loop
+
+    def _schedule_next_turn(self) -> None:
         self.turn_pending = True
-        self.loop.call_soon(self._next_turn)
+        self._loop().call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
         """A new loop turn: the count starts again, and the longest waiters take its places."""
